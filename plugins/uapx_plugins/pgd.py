@@ -1,0 +1,22 @@
+"""Built-in attack plugins: PGD with L2 and Linf threat models."""
+from __future__ import annotations
+
+import uapx
+from uapx.attacks import Attack
+
+
+class PGDL2(Attack):
+    name = "pgd-l2"
+    description = "PGD bounded in the L2 norm (fused step), per-image perturbations"
+    norm = "l2"
+
+
+class PGDLinf(Attack):
+    name = "pgd-linf"
+    description = "PGD bounded in the Linf norm (signed-gradient steps)"
+    norm = "linf"
+
+
+@uapx.hookimpl
+def uapx_add_attacks():
+    return [PGDL2, PGDLinf]

@@ -1,0 +1,40 @@
+"""Built-in UAP method ``svd``: top right-singular vectors of the perturbation matrix."""
+from __future__ import annotations
+
+import uapx
+from uapx.linalg import top_svd_gram, top_svd_lapack
+from uapx.methods import Direction, UAPMethod
+
+
+class SVDUAP(UAPMethod):
+    """Top-``k`` right singular vectors of the ``(N, d)`` perturbation matrix, exact.
+
+    ``solver="gram"`` streams the rows once into a ``d x d`` Gram matrix (float64);
+    ``solver="lapack"`` runs LAPACK's SVD on the whole matrix.  Singular vectors have no sign:
+    their UAPs are evaluated as +v and -v and the better is kept.
+    """
+
+    name = "svd"
+    description = "top-k right singular vectors of the perturbation matrix (exact; both signs evaluated)"
+
+    def __init__(self, *, k: int = 5, center: bool = False, solver: str = "gram", per_class: bool = True) -> None:
+        if solver not in ("gram", "lapack"):
+            raise uapx.UapxError(f"unknown svd solver {solver!r}", "choose gram or lapack")
+        super().__init__(per_class=per_class, k=k, center=center, solver=solver)
+        self.k, self.center, self.solver = k, center, solver
+
+    def directions(self, pset):
+        if self.solver == "gram":
+            res = top_svd_gram(pset.chunks(), pset.d, self.k, center=self.center)
+        else:
+            res = top_svd_lapack(pset.matrix(), self.k, center=self.center)
+        total = max(res.total_energy, 1e-30)
+        return [Direction(res.V[i], tag=f"v{i + 1}", signless=True,
+                          meta={"singular_value": float(res.S[i]),
+                                "explained_variance": float(res.S[i] ** 2 / total)})
+                for i in range(res.S.numel())]
+
+
+@uapx.hookimpl
+def uapx_add_uap_methods():
+    return [SVDUAP]

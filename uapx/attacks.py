@@ -1,0 +1,158 @@
+"""PGD attacks (L2 and Linf), with optional trajectory recording, and the attack plugin base.
+
+The one PGD loop in uapx is :func:`pgd_trajectory`; :func:`pgd` is it without recording.
+L2 steps go through the fused op :func:`uapx.ops.l2_pgd_step_`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .errors import UapxError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NORMS = ("l2", "linf")
+
+
+def check_budget(eps: float, steps: int, step_size: float) -> None:
+    """One-line errors for an impossible attack budget."""
+    if not (eps > 0) or eps != eps or eps == float("inf"):
+        raise UapxError(f"eps must be a positive finite number, got {eps}", "pass --eps > 0, e.g. --eps 2.0")
+    if int(steps) != steps or steps < 1:
+        raise UapxError(f"steps must be a whole number >= 1, got {steps}", "pass --steps 1 or more")
+    if not (step_size > 0) or step_size == float("inf"):
+        raise UapxError(f"step size must be positive, got {step_size}", "pass --step-size > 0")
+
+
+@dataclass
+class Trajectory:
+    """What PGD did, per step, for the recorded samples.
+
+    Attributes:
+        index: ``(m,)`` positions in the batch of the recorded samples.
+        grads: ``(steps, m, d)`` loss gradient w.r.t. the input at each step's iterate.
+        deltas: ``(steps, m, d)`` perturbation *after* each step.
+        losses: ``(steps, m)`` loss at each step's iterate (before the step).
+    """
+
+    index: torch.Tensor
+    grads: torch.Tensor
+    deltas: torch.Tensor
+    losses: torch.Tensor
+
+
+def _random_start(x0: torch.Tensor, norm: str, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+    n, d = x0.shape[0], x0[0].numel()
+    if norm == "linf":
+        noise = (torch.rand(x0.shape, generator=generator, device="cpu") * 2 - 1) * eps
+    else:  # uniform in the L2 ball
+        dirs = torch.randn(n, d, generator=generator, device="cpu")
+        dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        radius = torch.rand(n, 1, generator=generator, device="cpu") ** (1.0 / d) * eps
+        noise = (dirs * radius).view_as(x0)
+    return (x0 + noise.to(x0.device)).clamp_(0.0, 1.0)
+
+
+def pgd_trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str = "l2", eps: float,
+                   steps: int, step_size: float, random_start: bool = False, targeted: bool = False,
+                   loss_fn: LossFn | None = None, record: bool | torch.Tensor = False,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, Trajectory | None]:
+    """Batched PGD; returns ``(x_adv, trajectory)``.
+
+    Args:
+        model: classifier taking ``(N, C, H, W)`` images in [0, 1].
+        x: ``(N, C, H, W)`` clean images in [0, 1].
+        y: ``(N,)`` labels (the target labels when ``targeted``).
+        norm: ``"l2"`` or ``"linf"``.
+        eps, steps, step_size: the budget.
+        random_start: start from a uniform point of the eps-ball.
+        targeted: minimise the loss towards ``y`` instead of maximising it away from ``y``.
+        loss_fn: ``loss_fn(logits, y) -> (N,)`` per-sample loss; cross-entropy by default.
+        record: False, True (all samples) or a ``(m,)`` index tensor of samples to record.
+        generator: CPU generator for the random start.
+    Returns:
+        ``x_adv`` ``(N, C, H, W)`` and a :class:`Trajectory` (or None without ``record``).
+    """
+    if norm not in NORMS:
+        raise UapxError(f"unknown norm {norm!r}", f"choose from: {', '.join(NORMS)}")
+    check_budget(eps, steps, step_size)
+    loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, reduction="none"))
+    x0 = x.detach().float().contiguous()
+    xa = _random_start(x0, norm, eps, generator) if random_start else x0.clone()
+    n = x0.shape[0]
+    if record is True:
+        rec_idx = torch.arange(n)
+    elif record is False or record is None:
+        rec_idx = None
+    else:
+        rec_idx = torch.as_tensor(record, dtype=torch.long)
+    if rec_idx is not None:
+        m, d = rec_idx.numel(), x0[0].numel()
+        grads = torch.empty(steps, m, d)
+        deltas = torch.empty(steps, m, d)
+        losses = torch.empty(steps, m)
+    sign = -1.0 if targeted else 1.0
+    for t in range(steps):
+        xa.requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(model(xa), y)
+            (grad,) = torch.autograd.grad(loss.sum() * sign, xa)
+        xa = xa.detach()
+        if not torch.isfinite(grad).all():
+            raise UapxError(f"the loss gradient became NaN or Inf at PGD step {t + 1}",
+                            "check the model and inputs for NaN/Inf, or lower --step-size")
+        if rec_idx is not None:
+            grads[t] = (grad[rec_idx] * sign).reshape(m, -1).cpu()
+            losses[t] = loss.detach()[rec_idx].cpu()
+        if norm == "l2":
+            ops.l2_pgd_step_(xa, x0, grad, step_size, eps, 0.0, 1.0)
+        else:
+            xa = torch.min(torch.max(xa + step_size * grad.sign(), x0 - eps), x0 + eps).clamp_(0.0, 1.0)
+        if rec_idx is not None:
+            deltas[t] = (xa[rec_idx] - x0[rec_idx]).reshape(m, -1).cpu()
+    traj = Trajectory(rec_idx, grads, deltas, losses) if rec_idx is not None else None
+    return xa.detach(), traj
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str = "l2", eps: float, steps: int,
+        step_size: float, random_start: bool = False, targeted: bool = False, loss_fn: LossFn | None = None,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Batched PGD (see :func:`pgd_trajectory`); returns ``x_adv`` ``(N, C, H, W)`` in [0, 1]."""
+    return pgd_trajectory(model, x, y, norm=norm, eps=eps, steps=steps, step_size=step_size,
+                          random_start=random_start, targeted=targeted, loss_fn=loss_fn,
+                          generator=generator)[0]
+
+
+class Attack:
+    """Base of attack plugins: configuration in the constructor, data at call time.
+
+    Subclasses set ``name``, ``description`` and ``norm``; calling the attack returns
+    ``(x_adv, trajectory_or_None)``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    norm: ClassVar[str] = "l2"
+
+    def __init__(self, *, eps: float, steps: int, step_size: float, random_start: bool = False) -> None:
+        check_budget(eps, steps, step_size)
+        self.eps, self.steps, self.step_size, self.random_start = float(eps), int(steps), float(step_size), random_start
+
+    def settings(self) -> dict:
+        return {"norm": self.norm, "eps": self.eps, "steps": self.steps, "step_size": self.step_size,
+                "random_start": self.random_start}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items() if k != "norm")
+        return f"{type(self).__name__}({args})"
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, record: bool | torch.Tensor = False,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, Trajectory | None]:
+        return pgd_trajectory(model, x, y, norm=self.norm, eps=self.eps, steps=self.steps,
+                              step_size=self.step_size, random_start=self.random_start, record=record,
+                              generator=generator)

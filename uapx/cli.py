@@ -1,0 +1,183 @@
+"""The ``uapx`` command line: a thin layer over the Python API.
+
+``main(argv) -> int`` runs in-process (tests call it directly); this is the one place that turns
+errors into exit codes: a :class:`~uapx.errors.UapxError` prints one line and returns its code;
+anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .errors import EXIT_INTERRUPTED, UapxError
+
+
+def _add_common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "cifar10"], help="data set (default: mnist)")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding the data (default: $UAPX_DATA_ROOT, then ~/.cache/uapx/data; "
+                        "the MNIST test split is embedded)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="uapx", description="Universal adversarial perturbations for "
+                                     "studying adversarial training.")
+    parser.add_argument("--version", action="version", version=f"uapx {__version__}")
+    parser.add_argument("-p", dest="plugin_opts", action="append", default=[], metavar="no:NAME",
+                        help="disable the plugin (entry point) NAME, e.g. -p no:average")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    a = sub.add_parser("analyze", help="attack, build UAPs, run diagnostics, write a report")
+    _add_common_model_args(a)
+    a.add_argument("--model", default=None,
+                   help="zoo:<name> or a checkpoint path (default: zoo:<dataset>-natural)")
+    a.add_argument("--arch", default=None, help="architecture of a plain state_dict checkpoint")
+    a.add_argument("--split", default="test", choices=["train", "test"], help="data split (default: test)")
+    a.add_argument("--plugins", default="average,svd",
+                   help="comma-separated UAP methods and diagnostics (default: average,svd; see 'uapx plugins')")
+    a.add_argument("--attack", default="pgd-l2", help="attack plugin (default: pgd-l2)")
+    a.add_argument("--eps", type=float, default=None, help="L2 budget (default: 2.0 MNIST, 0.5 CIFAR-10)")
+    a.add_argument("--steps", type=int, default=20, help="PGD steps (default: 20)")
+    a.add_argument("--step-size", type=float, default=None, help="PGD step size (default: 2.5*eps/steps)")
+    a.add_argument("--n-samples", type=int, default=1000, help="images to attack (default: 1000)")
+    a.add_argument("--batch-size", type=int, default=250, help="attack batch size (default: 250)")
+    a.add_argument("--k", type=int, default=5, help="directions per SVD-type method (default: 5)")
+    a.add_argument("--random-draws", type=int, default=5,
+                   help="random directions drawn for the baseline (default: 5)")
+    a.add_argument("--set", dest="settings", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
+                   help="a plugin setting, e.g. --set svd.center=true --set average.normalize=true")
+    a.add_argument("--out", default="uapx-report", help="report folder (default: ./uapx-report)")
+    a.add_argument("--overwrite", action="store_true", help="replace a report folder that already holds a run")
+
+    t = sub.add_parser("train", help="train a natural or adversarially robust model")
+    _add_common_model_args(t)
+    t.add_argument("--arch", default=None, help="architecture (default: mnist-cnn / resnet-small)")
+    t.add_argument("--adversarial", default=None, choices=["l2", "linf"], help="adversarial training norm")
+    t.add_argument("--eps", type=float, default=2.0, help="training budget (default: 2.0)")
+    t.add_argument("--attack-steps", type=int, default=10, help="PGD steps while training (default: 10)")
+    t.add_argument("--attack-step-size", type=float, default=None, help="default 2.5*eps/steps")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--optimizer", default=None, choices=["adam", "sgd"])
+    t.add_argument("--checkpoint-every", type=int, default=200, help="batches between checkpoints")
+    t.add_argument("--eval-steps", type=int, default=40, help="PGD steps for the robust accuracy")
+    t.add_argument("--eval-eps", type=float, default=None, help="budget for the robust accuracy (default: eps)")
+    t.add_argument("--eval-n", type=int, default=None, help="test images for the robust accuracy (default: all)")
+    t.add_argument("--out", required=True, help="output model file (the checkpoint is <out>.ckpt)")
+
+    sub.add_parser("plugins", help="list the installed plugins and where they come from")
+    sub.add_parser("info", help="versions, device, kernel backend, loaded plugins")
+    return parser
+
+
+def _registry(args: argparse.Namespace):
+    from .registry import Registry
+
+    disabled = []
+    for opt in args.plugin_opts:
+        if not opt.startswith("no:"):
+            raise UapxError(f"-p takes no:NAME, got {opt!r}", "write -p no:NAME to disable plugin NAME")
+        disabled.append(opt[3:])
+    return Registry(disabled=disabled).load_entrypoints()
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    rows = [(c.name, c.kind, c.plugin.distribution, c.plugin.version, c.plugin.name, c.description)
+            for c in sorted(reg.components.values(), key=lambda c: (c.kind, c.name))]
+    header = ("name", "kind", "distribution", "version", "plugin", "description")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    for r in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r[:5], widths)) + "  " + r[5])
+    for rec in reg.records:
+        if rec.error:
+            print(f"FAILED  plugin {rec.name!r} from {rec.distribution} {rec.version}: {rec.error}")
+        elif rec.disabled:
+            print(f"disabled  plugin {rec.name!r} from {rec.distribution} {rec.version}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import info
+
+    for k, v in info.collect(_registry(args)).items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    card = train(TrainConfig(dataset=args.dataset, arch=args.arch, adversarial=args.adversarial, eps=args.eps,
+                             attack_steps=args.attack_steps, attack_step_size=args.attack_step_size,
+                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                             seed=args.seed, data_root=args.data_root, device=args.device, out=args.out,
+                             checkpoint_every=args.checkpoint_every, eval_steps=args.eval_steps,
+                             eval_eps=args.eval_eps, eval_n=args.eval_n))
+    print(f"wrote {args.out}: clean accuracy {card['clean_accuracy']:.4f}, robust accuracy "
+          f"{card['robust_accuracy']:.4f} ({card['robust_attack']['steps']}-step PGD-"
+          f"{card['robust_attack']['norm'].upper()} at eps {card['robust_attack']['eps']})")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .pipeline import AnalyzeConfig, analyze
+
+    plugins = [p.strip() for p in args.plugins.split(",") if p.strip()]
+    cfg = AnalyzeConfig(dataset=args.dataset, data_root=args.data_root, split=args.split, model=args.model,
+                        arch=args.arch, plugins=plugins, attack=args.attack, eps=args.eps, steps=args.steps,
+                        step_size=args.step_size, n_samples=args.n_samples, batch_size=args.batch_size,
+                        plugin_settings=parse_settings(args.settings), k=args.k, random_draws=args.random_draws, device=args.device, seed=args.seed,
+                        out=args.out, overwrite=args.overwrite)
+    result = analyze(cfg, registry=_registry(args))
+    print(f"report written to {result.out}/index.html")
+    return 0
+
+
+def parse_settings(items: list[str]) -> dict[str, dict]:
+    """``["svd.k=10", "average.normalize=true"]`` -> ``{"svd": {"k": 10}, "average": {...}}``."""
+    import json
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        plugin, dot, name = key.partition(".")
+        if not sep or not dot or not plugin or not name:
+            raise UapxError(f"--set {item!r} is not PLUGIN.KEY=VALUE", "write e.g. --set svd.center=true")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(plugin, {})[name] = parsed
+    return out
+
+
+COMMANDS = {"analyze": cmd_analyze, "train": cmd_train, "plugins": cmd_plugins, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI in-process; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except UapxError as exc:
+        print(f"uapx: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("uapx: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def console_main() -> int:
+    """The ``uapx`` console script."""
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Diagnostics: the base class every diagnostic plugin subclasses.
+
+One base, one verb: the constructor takes fixed settings, :meth:`Diagnostic.run` takes the
+analysis (model, images, perturbation set, UAPs, cached trajectories) and returns a
+:class:`DiagnosticResult`.  Capabilities are declared, so the pipeline drives any diagnostic
+without special cases.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from .pipeline import Analysis
+
+
+@dataclass
+class DiagnosticResult:
+    """What a diagnostic measured.
+
+    Attributes:
+        figures: JSON-serialisable numbers (nested dicts/lists), stored under the diagnostic's
+            name in ``report.json`` and shown in the report.
+        plots: ``(name, matplotlib Figure, caption)`` triples, saved as PNGs in the report.
+        summary: one or two sentences for the report, stating what the numbers show.
+    """
+
+    figures: dict[str, Any] = field(default_factory=dict)
+    plots: list[tuple[str, "Figure", str]] = field(default_factory=list)
+    summary: str = ""
+
+
+class Diagnostic:
+    """Base of diagnostic plugins.
+
+    Class attributes declare what a diagnostic needs: ``needs_model`` (gradients or predictions
+    of the model), ``needs_trajectories`` (recorded PGD trajectories, computed once by the
+    pipeline and shared).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    needs_model: ClassVar[bool] = True
+    needs_trajectories: ClassVar[bool] = False
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = dict(settings)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"
+
+    def run(self, analysis: "Analysis") -> DiagnosticResult:
+        """Measure on ``analysis``; see :class:`uapx.pipeline.Analysis` for what it holds."""
+        raise NotImplementedError

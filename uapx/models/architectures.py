@@ -1,0 +1,114 @@
+"""Architectures. Inputs are images in [0, 1]; normalisation is the model's first layer."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, with mean and std stored as buffers."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class MadryMnistCNN(nn.Module):
+    """Madry et al.'s MNIST CNN: conv 32 5x5, pool, conv 64 5x5, pool, fc 1024, fc 10.
+
+    Input ``(N, 1, 28, 28)`` in [0, 1]; output logits ``(N, 10)``.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.normalize = Normalize(MNIST_MEAN, MNIST_STD)
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(7 * 7 * 64, 1024), nn.ReLU(inplace=True), nn.Linear(1024, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(self.normalize(x)))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """A CIFAR-style ResNet (3x3 stem, no max-pool) of :class:`BasicBlock` stages.
+
+    Input ``(N, 3, 32, 32)`` in [0, 1]; output logits ``(N, num_classes)``.
+    """
+
+    def __init__(self, blocks: Sequence[int] = (2, 2, 2, 2), widths: Sequence[int] = (64, 128, 256, 512),
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        self.normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD)
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU(inplace=True))
+        layers, cin = [], widths[0]
+        for i, (n, w) in enumerate(zip(blocks, widths)):
+            for j in range(n):
+                layers.append(BasicBlock(cin, w, stride=2 if (i > 0 and j == 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(self.normalize(x))))
+
+
+def resnet18(num_classes: int = 10) -> CifarResNet:
+    """ResNet-18 for CIFAR-10 (11M parameters; for GPU training)."""
+    return CifarResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes)
+
+
+def resnet_small(num_classes: int = 10) -> CifarResNet:
+    """A small CIFAR ResNet (ResNet-14 at widths 32/64/128, 0.7M parameters) that trains on a CPU."""
+    return CifarResNet((2, 2, 2), (32, 64, 128), num_classes)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "mnist-cnn": MadryMnistCNN,
+    "resnet18": resnet18,
+    "resnet-small": resnet_small,
+}
+
+DEFAULT_ARCH = {"mnist": "mnist-cnn", "cifar10": "resnet-small"}
+
+
+def build(arch: str, **kwargs) -> nn.Module:
+    """Instantiate an architecture by name (see :data:`ARCHITECTURES`)."""
+    from ..errors import UapxError
+
+    if arch not in ARCHITECTURES:
+        raise UapxError(f"unknown architecture {arch!r}", f"choose from: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[arch](**kwargs)

@@ -1,0 +1,250 @@
+"""``analyze``: data -> model -> batched PGD -> PerturbationSet -> UAP methods -> evaluation
+-> diagnostics -> report.
+
+The core owns the flow and the shared artefacts (perturbations, trajectories): several plugins
+reuse one attack run.  Plugins are found through the registry only.
+"""
+from __future__ import annotations
+
+import inspect
+import io
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import __version__, data, info, models
+from .attacks import Trajectory, check_budget
+from .errors import EXIT_PLUGIN, UapxError
+from .evaluate import UAPEvaluation, evaluate_uap, predict, random_baseline
+from .methods import UAP
+from .perturbations import PerturbationSet
+from .registry import Registry, get_registry
+from .report import Report, check_output_folder
+
+DEFAULT_EPS = {"mnist": 2.0, "cifar10": 0.5}
+
+
+@dataclass
+class AnalyzeConfig:
+    """Everything that determines an analysis (recorded in ``report.json``)."""
+
+    dataset: str = "mnist"
+    data_root: str | None = None
+    split: str = "test"
+    model: str | None = None  # default zoo:<dataset>-natural
+    arch: str | None = None
+    plugins: list[str] = field(default_factory=lambda: ["average", "svd"])
+    plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attack: str = "pgd-l2"
+    eps: float | None = None
+    steps: int = 20
+    step_size: float | None = None  # default 2.5 * eps / steps
+    n_samples: int | None = 1000
+    batch_size: int = 250
+    k: int = 5
+    random_draws: int = 5
+    trajectory_samples: int = 100
+    device: str = "cpu"
+    seed: int = 0
+    out: str = "uapx-report"
+    overwrite: bool = False
+
+    def resolved(self) -> "AnalyzeConfig":
+        c = AnalyzeConfig(**asdict(self))
+        c.model = c.model or f"zoo:{c.dataset}-natural"
+        c.eps = c.eps if c.eps is not None else DEFAULT_EPS.get(c.dataset, 1.0)
+        c.step_size = c.step_size if c.step_size is not None else 2.5 * c.eps / max(c.steps, 1)
+        check_budget(c.eps, c.steps, c.step_size)
+        if c.batch_size < 1:
+            raise UapxError(f"--batch-size must be >= 1, got {c.batch_size}", "pass --batch-size 1 or more")
+        if c.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UapxError(f"device {c.device!r} requested but CUDA is not available", "pass --device cpu")
+        return c
+
+
+@dataclass
+class Analysis:
+    """What diagnostics receive: the model, the images and every shared artefact of the run.
+
+    Attributes:
+        config: the resolved :class:`AnalyzeConfig`.
+        model: the classifier (eval mode); card: its model card.
+        images: the attacked :class:`~uapx.data.ImageSet`; x ``(N, C, H, W)`` float, y ``(N,)``.
+        clean_pred: ``(N,)`` predictions on clean images.
+        pset: the :class:`~uapx.perturbations.PerturbationSet` of the attack.
+        uaps: every UAP the methods produced; evaluations: their :class:`UAPEvaluation` by name.
+        attack: the attack object (its settings are ``attack.settings()``).
+    """
+
+    config: AnalyzeConfig
+    model: nn.Module
+    card: dict
+    images: data.ImageSet
+    x: torch.Tensor
+    y: torch.Tensor
+    clean_pred: torch.Tensor
+    pset: PerturbationSet
+    attack: Any
+    uaps: list[UAP] = field(default_factory=list)
+    evaluations: dict[str, UAPEvaluation] = field(default_factory=dict)
+    _trajectory: tuple[torch.Tensor, Trajectory] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.images.classes)
+
+    def trajectories(self) -> Trajectory:
+        """PGD trajectories of the first ``config.trajectory_samples`` images, recorded once and
+        shared by every diagnostic that asks (same attack settings as the main run)."""
+        if self._trajectory is None:
+            m = min(self.config.trajectory_samples, self.x.shape[0])
+            dev = self.config.device
+            _, traj = self.attack(self.model, self.x[:m].to(dev), self.y[:m].to(dev), record=True)
+            self._trajectory = (torch.arange(m), traj)
+        return self._trajectory[1]
+
+
+@dataclass
+class AnalyzeResult:
+    out: Path
+    report: dict
+    analysis: Analysis
+
+
+def _instantiate(cls: type, settings: dict) -> Any:
+    """Build a plugin object, passing only the settings its constructor accepts."""
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in settings.items() if takes_any or k in params}
+    try:
+        return cls(**kwargs)
+    except UapxError:
+        raise
+    except TypeError as exc:
+        raise UapxError(f"bad settings for plugin {cls.name!r}: {exc}", "check --set NAME.KEY=VALUE") from None
+
+
+def _check_images(x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise UapxError("the input images contain NaN or Inf", "clean the data set")
+    if x.min() < 0 or x.max() > 1:
+        raise UapxError(f"the input images lie outside [0, 1] (range {float(x.min()):.3g}..{float(x.max()):.3g})",
+                        "give images scaled to [0, 1]; normalisation belongs in the model")
+
+
+def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Any, *, batch_size: int,
+               device: str = "cpu", desc: str = "attack") -> torch.Tensor:
+    """Attack ``x`` ``(N, C, H, W)`` in batches with a progress bar; returns ``x_adv`` on the CPU."""
+    out = torch.empty_like(x)
+    for s in tqdm(range(0, x.shape[0], batch_size), desc=desc, unit="batch"):
+        xa, _ = attack(model, x[s:s + batch_size].to(device), y[s:s + batch_size].to(device))
+        out[s:s + batch_size] = xa.cpu()
+    return out
+
+
+def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> AnalyzeResult:
+    """Run an analysis end to end and write its report folder; see :class:`AnalyzeConfig`."""
+    reg = registry or get_registry()
+    c = config.resolved()
+    components = reg.check_names(c.plugins)  # before any work
+    attack_comp = reg.get(c.attack, "attack")
+    out = check_output_folder(c.out, overwrite=c.overwrite)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    torch.manual_seed(c.seed)
+    images = data.load(c.dataset, c.split, c.data_root).subset(c.n_samples, seed=c.seed)
+    model, card = models.load_with_card(c.model, device=c.device, arch=c.arch)
+    x, y = images.images(), images.y
+    _check_images(x)
+    clean_pred = predict(model, x, batch_size=c.batch_size, device=c.device)
+    attack = _instantiate(attack_comp.cls, {"eps": c.eps, "steps": c.steps, "step_size": c.step_size,
+                                            **c.plugin_settings.get(c.attack, {})})
+    timing["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    x_adv = run_attack(model, x, y, attack, batch_size=c.batch_size, device=c.device)
+    timing["attack"] = time.perf_counter() - t
+    adv_pred = predict(model, x_adv, batch_size=c.batch_size, device=c.device)
+    deltas = (x_adv - x).reshape(x.shape[0], -1)
+    pset = PerturbationSet(deltas, y.clone(), clean_pred, adv_pred, images.shape, c.eps, attack.norm, c.model,
+                           {"name": c.attack, **attack.settings()}, images.indices)
+    analysis = Analysis(c, model, card, images, x, y, clean_pred, pset, attack)
+
+    t = time.perf_counter()
+    methods = [comp for comp in components if comp.kind == "method"]
+    for comp in methods:
+        method = _instantiate(comp.cls, {"k": c.k, **c.plugin_settings.get(comp.name, {})})
+        analysis.uaps += _run_plugin(comp.name, lambda: method(pset, c.eps))
+    for uap in analysis.uaps:
+        analysis.evaluations[uap.name] = evaluate_uap(model, x, y, uap, clean_pred=clean_pred,
+                                                      num_classes=analysis.num_classes,
+                                                      batch_size=c.batch_size, device=c.device)
+    baseline = random_baseline(model, x, y, c.eps, clean_pred=clean_pred, num_classes=analysis.num_classes,
+                               draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device)
+    timing["uap_methods"] = time.perf_counter() - t
+
+    report = Report(f"uapx analysis: {c.model} on {c.dataset} ({c.split}), eps {c.eps:g}")
+    diag_results = {}
+    for comp in components:
+        if comp.kind != "diagnostic":
+            continue
+        t = time.perf_counter()
+        diag = _instantiate(comp.cls, c.plugin_settings.get(comp.name, {}))
+        res = _run_plugin(comp.name, lambda: diag.run(analysis))
+        diag_results[comp.name] = {"plugin": repr(diag), **res.figures}
+        for name, fig, caption in res.plots:
+            report.add_plot(comp.name, name, fig, caption)
+        if res.summary:
+            report.summaries[comp.name] = res.summary
+        timing[f"diagnostic:{comp.name}"] = time.perf_counter() - t
+    timing["total"] = time.perf_counter() - t0
+
+    from . import plots
+
+    norms = deltas.norm(dim=1)
+    attack_fig = {
+        "n_images": len(images), "clean_accuracy": float((clean_pred == y).double().mean()),
+        "adversarial_accuracy": float((adv_pred == y).double().mean()),
+        "attack_success_rate": float((adv_pred != clean_pred).double().mean()),
+        "perturbation_norm": {"mean": float(norms.mean()), "min": float(norms.min()), "max": float(norms.max())},
+    }
+    report.data.update({
+        "config": asdict(c),
+        "environment": {**info.collect(reg), "uapx": __version__},
+        "model": card,
+        "data": {"dataset": images.name, "split": images.split, "source": images.source,
+                 "n_images": len(images), "shape": list(images.shape)},
+        "attack": {"plugin": repr(attack), **attack_fig},
+        "uaps": {
+            "random_baseline": baseline,
+            "evaluations": {name: ev.to_dict() for name, ev in analysis.evaluations.items()},
+        },
+        "diagnostics": diag_results,
+        "timing_seconds": {k: round(v, 3) for k, v in timing.items()},
+    })
+    report.summaries["uaps"] = plots.uap_summary(analysis, baseline)
+    plots.add_uap_plots(report, analysis, baseline)
+    buf = io.BytesIO()
+    torch.save([{"name": u.name, "vector": u.vector, "method": u.method, "eps": u.eps,
+                 "source_class": u.source_class, "signless": u.signless} for u in analysis.uaps], buf)
+    report.extra_files["uaps.pt"] = buf.getvalue()
+    report.write(out)
+    return AnalyzeResult(out, report.data, analysis)
+
+
+def _run_plugin(name: str, fn):
+    """Run plugin code; an exception from it becomes a one-line error naming the plugin."""
+    try:
+        return fn()
+    except UapxError:
+        raise
+    except Exception as exc:
+        raise UapxError(f"plugin {name!r} failed: {type(exc).__name__}: {exc}",
+                        f"run without it (--plugins) or report the bug to its authors",
+                        exit_code=EXIT_PLUGIN) from exc

@@ -1,0 +1,163 @@
+"""The report folder: ``report.json``, PNG plots and a self-contained ``index.html``.
+
+Everything is assembled in memory and written at once through :func:`uapx.atomic.atomic_path`
+(a temporary folder renamed onto the target), so a report folder is either complete or absent.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from . import atomic  # noqa: E402
+from .errors import UapxError  # noqa: E402
+
+
+@dataclass
+class Plot:
+    section: str
+    name: str  # file name without .png
+    png: bytes
+    caption: str
+
+
+@dataclass
+class Report:
+    """A report being assembled: JSON content plus plots, grouped in sections."""
+
+    title: str
+    data: dict[str, Any] = field(default_factory=dict)
+    plots: list[Plot] = field(default_factory=list)
+    summaries: dict[str, str] = field(default_factory=dict)
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+
+    def add_plot(self, section: str, name: str, fig, caption: str = "") -> str:
+        """Render a matplotlib figure to PNG (and close it); returns the file name."""
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in f"{section}-{name}")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+        plt.close(fig)
+        self.plots.append(Plot(section, safe, buf.getvalue(), caption))
+        return safe + ".png"
+
+    def html(self) -> str:
+        return render_html(self)
+
+    def write(self, out: str | os.PathLike) -> Path:
+        """Write the folder atomically; returns its path."""
+        out = Path(out)
+        self.data["plots"] = [{"file": p.name + ".png", "section": p.section, "caption": p.caption}
+                              for p in self.plots]
+        with atomic.atomic_path(out, directory=True) as tmp:
+            for p in self.plots:
+                (tmp / f"{p.name}.png").write_bytes(p.png)
+            for name, blob in self.extra_files.items():
+                (tmp / name).write_bytes(blob)
+            (tmp / "report.json").write_text(json.dumps(self.data, indent=2, default=atomic._json_default) + "\n")
+            (tmp / "index.html").write_text(self.html())
+        return out
+
+
+def check_output_folder(out: str | os.PathLike, *, overwrite: bool) -> Path:
+    """Refuse a folder holding another run (unless ``overwrite``) or one that cannot be written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UapxError(f"output {str(out)!r} exists and is not a folder", "pass another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "another run's report" if (out / "report.json").exists() else "other files"
+        raise UapxError(f"output folder {str(out)!r} already holds {what}",
+                        "pass --overwrite to replace it, or another --out")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{out.name}.probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UapxError(f"cannot write to {str(parent)!r} ({exc.strerror or exc})",
+                        "pass an --out in a folder you can write to") from None
+    return out
+
+
+# -- HTML -------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list) and all(not isinstance(e, (dict, list)) for e in v):
+        return ", ".join(_fmt(e) for e in v)
+    return html.escape(str(v))
+
+
+def _rows(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Flatten nested JSON into (path, value) rows; scalar lists stay one row."""
+    if isinstance(obj, dict):
+        out = []
+        for k, v in obj.items():
+            out += _rows(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(obj, list) and any(isinstance(e, (dict, list)) for e in obj):
+        out = []
+        for i, v in enumerate(obj):
+            out += _rows(v, f"{prefix}[{i}]")
+        return out
+    return [(prefix, _fmt(obj))]
+
+
+def _table(obj: Any) -> str:
+    rows = "".join(f"<tr><td><code>{html.escape(k)}</code></td><td>{v}</td></tr>" for k, v in _rows(obj))
+    return f"<table>{rows}</table>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td{border:1px solid #ddd;padding:2px 8px;
+vertical-align:top}figure{display:inline-block;margin:.5em;max-width:100%}img{max-width:100%}
+figcaption{font-size:.85em;color:#555;max-width:520px}.summary{background:#f4f7fb;padding:.6em 1em;
+border-left:4px solid #5577aa}details{margin:.5em 0}"""
+
+
+def _section_html(title: str, summary: str, plots: list[Plot], body: Any) -> str:
+    parts = [f"<section><h2>{html.escape(title)}</h2>"]
+    if summary:
+        parts.append(f"<p class='summary'>{html.escape(summary)}</p>")
+    for p in plots:
+        b64 = base64.b64encode(p.png).decode()
+        parts.append(f"<figure><img alt='{html.escape(p.name)}' src='data:image/png;base64,{b64}'>"
+                     f"<figcaption>{html.escape(p.caption)}</figcaption></figure>")
+    if body is not None:
+        parts.append(_table(body))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def render_html(self: Report) -> str:
+    """The self-contained page: every section's summary, plots (embedded) and figures."""
+    sections = []
+    used_plot_sections = set()
+    for key, value in self.data.items():
+        if key == "plots":
+            continue
+        plots = [p for p in self.plots if p.section == key]
+        used_plot_sections.add(key)
+        sections.append(_section_html(key, self.summaries.get(key, ""), plots, value))
+    for p in self.plots:
+        if p.section not in used_plot_sections:
+            used_plot_sections.add(p.section)
+            sections.append(_section_html(p.section, self.summaries.get(p.section, ""),
+                                          [q for q in self.plots if q.section == p.section], None))
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(self.title)}</h1>{''.join(sections)}"
+            "</body></html>\n")
+

@@ -1,0 +1,212 @@
+"""Natural and adversarial (PGD-L2 / PGD-Linf) training with checkpoints, resume and evaluation.
+
+A training run writes ``<out>.ckpt`` (uapx format plus ``train_state``) every
+``checkpoint_every`` batches and at the end of every epoch, atomically; started again with the
+same command it resumes from there and ends with the same weights as an uninterrupted run.
+The final model is written to ``<out>`` with a model card (JSON beside it).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import atomic, data
+from .attacks import check_budget, pgd
+from .errors import UapxError
+from .models import build, save_model
+from .models.architectures import DEFAULT_ARCH
+from .models.checkpoints import load_state, read_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (recorded in the model card)."""
+
+    dataset: str = "mnist"
+    arch: str | None = None
+    adversarial: str | None = None  # None, "l2" or "linf"
+    eps: float = 2.0
+    attack_steps: int = 10
+    attack_step_size: float | None = None  # default 2.5 * eps / steps
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: str | None = None  # "adam" (MNIST default) or "sgd" (CIFAR-10 default)
+    augment: bool | None = None  # random crop + flip (CIFAR-10 default)
+    seed: int = 0
+    data_root: str | None = None
+    device: str = "cpu"
+    out: str = "model.pt"
+    checkpoint_every: int = 200
+    eval_steps: int = 40
+    eval_eps: float | None = None  # default: eps
+    eval_n: int | None = None  # test images for the robust accuracy; None = all
+    half: bool = True
+    command: str = field(default_factory=lambda: " ".join(
+        ["uapx"] + [shlex.quote(a) for a in sys.argv[1:]]))
+
+    def resolved(self) -> "TrainConfig":
+        c = TrainConfig(**asdict(self))
+        cifar = c.dataset == "cifar10"
+        c.arch = c.arch or DEFAULT_ARCH[c.dataset]
+        c.optimizer = c.optimizer or ("sgd" if cifar else "adam")
+        c.lr = c.lr if c.lr is not None else (0.1 if c.optimizer == "sgd" else 1e-3)
+        c.weight_decay = c.weight_decay if c.weight_decay is not None else (5e-4 if c.optimizer == "sgd" else 0.0)
+        c.augment = c.augment if c.augment is not None else cifar
+        c.attack_step_size = c.attack_step_size or 2.5 * c.eps / c.attack_steps
+        c.eval_eps = c.eval_eps or c.eps
+        if c.adversarial not in (None, "l2", "linf"):
+            raise UapxError(f"unknown --adversarial {c.adversarial!r}", "choose l2 or linf, or leave it out")
+        if c.adversarial:
+            check_budget(c.eps, c.attack_steps, c.attack_step_size)
+        if c.epochs < 1 or c.batch_size < 1:
+            raise UapxError("--epochs and --batch-size must be >= 1", "pass positive values")
+        return c
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random crop (pad 4) and horizontal flip, ``(N, C, H, W)`` float."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    ox = torch.randint(0, 9, (n,), generator=g)
+    oy = torch.randint(0, 9, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):
+        img = padded[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w]
+        out[i] = img.flip(-1) if flip[i] else img
+    return out
+
+
+def _optimizer(c: TrainConfig, model: nn.Module, steps_total: int):
+    if c.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    elif c.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=0.9, weight_decay=c.weight_decay, nesterov=True)
+    else:
+        raise UapxError(f"unknown optimizer {c.optimizer!r}", "choose adam or sgd")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=steps_total, pct_start=0.15)
+    return opt, sched
+
+
+def evaluate(model: nn.Module, images: data.ImageSet, *, norm: str | None = None, eps: float = 0.0,
+             steps: int = 0, step_size: float | None = None, batch_size: int = 500, device: str = "cpu",
+             desc: str = "eval") -> float:
+    """Accuracy of ``model`` on ``images``, clean (``norm=None``) or under PGD."""
+    model.eval()
+    correct = 0
+    for s in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch"):
+        x = images.images(slice(s, s + batch_size)).to(device)
+        y = images.y[s:s + batch_size].to(device)
+        if norm is not None:
+            x = pgd(model, x, y, norm=norm, eps=eps, steps=steps, step_size=step_size or 2.5 * eps / steps)
+        with torch.no_grad():
+            correct += int((model(x).argmax(1) == y).sum())
+    return correct / len(images)
+
+
+def train(config: TrainConfig) -> dict:
+    """Train (or resume) the model described by ``config``; returns its model card."""
+    c = config.resolved()
+    out = Path(c.out)
+    ckpt_path = out.with_name(out.name + ".ckpt")
+    train_set = data.load(c.dataset, "train", c.data_root)
+    test_set = data.load(c.dataset, "test", c.data_root)
+    torch.manual_seed(c.seed)
+    model = build(c.arch).to(c.device)
+    steps_per_epoch = math.ceil(len(train_set) / c.batch_size)
+    opt, sched = _optimizer(c, model, c.epochs * steps_per_epoch)
+    epoch, step, elapsed = 0, 0, 0.0
+    if ckpt_path.exists():
+        saved = read_checkpoint(ckpt_path)
+        st = saved.get("train_state", {}) if isinstance(saved, dict) else {}
+        if st.get("config_key") != _config_key(c):
+            raise UapxError(f"{str(ckpt_path)!r} belongs to a different training run",
+                            "use another --out, or delete the checkpoint to start over")
+        load_state(model, saved["state_dict"], source=str(ckpt_path))
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        epoch, step, elapsed = st["epoch"], st["step"], st.get("elapsed", 0.0)
+        print(f"resuming {ckpt_path} at epoch {epoch + 1}, batch {step}", file=sys.stderr)
+
+    def checkpoint(epoch: int, step: int) -> None:
+        save_model(ckpt_path, model, c.arch, card={}, train_state={
+            "config_key": _config_key(c), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "epoch": epoch, "step": step, "elapsed": elapsed + time.time() - t0})
+
+    t0 = time.time()
+    while epoch < c.epochs:
+        perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(c.seed * 1000 + epoch))
+        model.train()
+        bar = tqdm(range(step, steps_per_epoch), desc=f"epoch {epoch + 1}/{c.epochs}", unit="batch")
+        for b in bar:
+            idx = perm[b * c.batch_size:(b + 1) * c.batch_size]
+            g = torch.Generator().manual_seed(hash((c.seed, epoch, b)) & 0x7FFFFFFF)
+            x = train_set.images(idx)
+            if c.augment:
+                x = _augment(x, g)
+            x, y = x.to(c.device), train_set.y[idx].to(c.device)
+            if c.adversarial:
+                model.eval()
+                x = pgd(model, x, y, norm=c.adversarial, eps=c.eps, steps=c.attack_steps,
+                        step_size=c.attack_step_size, random_start=True, generator=g)
+                model.train()
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if (b + 1) % c.checkpoint_every == 0 and b + 1 < steps_per_epoch:
+                checkpoint(epoch, b + 1)
+        epoch, step = epoch + 1, 0
+        checkpoint(epoch, 0)
+    train_seconds = elapsed + time.time() - t0
+
+    model.eval()
+    if c.half:  # evaluate exactly the weights that are shipped
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.half().float())
+    clean = evaluate(model, test_set, device=c.device, desc="clean accuracy")
+    robust_set = test_set.subset(c.eval_n, seed=c.seed) if c.eval_n else test_set
+    norm = c.adversarial or "l2"
+    robust_step = 2.5 * c.eval_eps / c.eval_steps
+    robust = evaluate(model, robust_set, norm=norm, eps=c.eval_eps, steps=c.eval_steps, step_size=robust_step,
+                      device=c.device, desc="robust accuracy")
+    card = {
+        "name": out.stem, "dataset": c.dataset,
+        "data": ("CIFAR-10 JPEG copy (quality 75) of shared/data" if "jpeg" in train_set.source
+                 else f"{c.dataset} from {train_set.source}"),
+        "arch": c.arch, "training": "natural" if not c.adversarial else f"PGD-{c.adversarial.upper()} adversarial",
+        "command": c.command, "config": asdict(c), "epochs": c.epochs,
+        "train_seconds": round(train_seconds, 1),
+        "clean_accuracy": clean, "clean_eval_images": len(test_set),
+        "robust_accuracy": robust,
+        "robust_attack": {"norm": norm, "eps": c.eval_eps, "steps": c.eval_steps, "step_size": robust_step,
+                          "random_start": False, "images": len(robust_set)},
+        "torch": str(torch.__version__),
+    }
+    save_model(out, model, c.arch, card=card, half=c.half)
+    atomic.write_json(out.with_suffix(".json"), card)
+    return card
+
+
+def _config_key(c: TrainConfig) -> str:
+    """What must match for a checkpoint to be resumed (not the output path or device)."""
+    d = asdict(c)
+    for k in ("device", "out", "command", "data_root", "checkpoint_every", "eval_steps", "eval_n", "eval_eps"):
+        d.pop(k)
+    return json.dumps(d, sort_keys=True)
