@@ -57,6 +57,7 @@ class UAPEvaluation:
     minus: SignEffect
     sign: int  # +1 or -1: the sign reported as the UAP's effect
     source_class: int | None = None
+    method: str = ""
     on_class_fooling: float | None = None
     off_class_fooling: float | None = None
     meta: dict = field(default_factory=dict)
@@ -83,7 +84,8 @@ def evaluate_uap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uap: UAP, *
     effects = [SignEffect.measure(predict(model, x, batch_size=batch_size, device=device, v=s * v),
                                   clean_pred, y, num_classes) for s in (1.0, -1.0)]
     sign = -1 if uap.signless and effects[1].fooling_rate > effects[0].fooling_rate else 1
-    ev = UAPEvaluation(uap.name, uap.eps, effects[0], effects[1], sign, uap.source_class, meta=dict(uap.meta))
+    ev = UAPEvaluation(uap.name, uap.eps, effects[0], effects[1], sign, uap.source_class, uap.method,
+                       meta=dict(uap.meta))
     if uap.source_class is not None:
         best = ev.best.per_class_fooling
         on = best.get(uap.source_class)

@@ -121,10 +121,7 @@ class Registry:
             rec.error = f"{type(exc).__name__}: {exc}"
             return
         # A misspelled uapx_* hook is an error, not a silent no-op (pluggy's check_pending).
-        unknown = [
-            hook for hook in dir(plugin)
-            if hook.startswith("uapx_") and not hasattr(self.pm.hook, hook)
-        ]
+        unknown = sorted(hc.name for hc in (self.pm.get_hookcallers(plugin) or []) if not hc.has_spec())
         if unknown:
             self.pm.unregister(plugin)
             rec.error = f"unknown hook(s) {', '.join(unknown)}; the hooks are listed in uapx.hookspecs"
