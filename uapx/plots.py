@@ -61,8 +61,8 @@ def add_uap_plots(report: "Report", analysis: "Analysis", baseline: dict) -> Non
     fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(glob) + 2), 3.2))
     names = [u.name for u in glob] + ["random"]
     vals = [evs[u.name].best.fooling_rate for u in glob] + [baseline["fooling_rate"]["mean"]]
-    errs = [0.0] * len(glob) + [baseline["fooling_rate"]["std"]]
-    ax.bar(range(len(vals)), vals, yerr=errs, color=["#4c72b0"] * len(glob) + ["#999999"], capsize=3)
+    ax.bar(range(len(vals)), vals, color=["#4c72b0"] * len(glob) + ["#999999"])
+    ax.errorbar([len(glob)], [vals[-1]], yerr=[baseline["fooling_rate"]["std"]], color="k", capsize=3)
     ax.set_xticks(range(len(vals)), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("fooling rate")
     ax.set_title(f"Global UAPs vs random directions, L2 norm {analysis.config.eps:g}", fontsize=9)

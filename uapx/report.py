@@ -115,8 +115,8 @@ def _rows(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
     return [(prefix, _fmt(obj))]
 
 
-def _table(obj: Any) -> str:
-    rows = "".join(f"<tr><td><code>{html.escape(k)}</code></td><td>{v}</td></tr>" for k, v in _rows(obj))
+def _table(obj: Any, prefix: str) -> str:
+    rows = "".join(f"<tr><td><code>{html.escape(k)}</code></td><td>{v}</td></tr>" for k, v in _rows(obj, prefix))
     return f"<table>{rows}</table>"
 
 
@@ -128,7 +128,7 @@ figcaption{font-size:.85em;color:#555;max-width:520px}.summary{background:#f4f7f
 border-left:4px solid #5577aa}details{margin:.5em 0}"""
 
 
-def _section_html(title: str, summary: str, plots: list[Plot], body: Any) -> str:
+def _section_html(title: str, prefix: str, summary: str, plots: list[Plot], body: Any, *, open_: bool) -> str:
     parts = [f"<section><h2>{html.escape(title)}</h2>"]
     if summary:
         parts.append(f"<p class='summary'>{html.escape(summary)}</p>")
@@ -137,26 +137,38 @@ def _section_html(title: str, summary: str, plots: list[Plot], body: Any) -> str
         parts.append(f"<figure><img alt='{html.escape(p.name)}' src='data:image/png;base64,{b64}'>"
                      f"<figcaption>{html.escape(p.caption)}</figcaption></figure>")
     if body is not None:
-        parts.append(_table(body))
+        n = len(_rows(body, prefix))
+        parts.append(f"<details{' open' if open_ else ''}><summary>{n} figures</summary>"
+                     f"{_table(body, prefix)}</details>")
     parts.append("</section>")
     return "".join(parts)
 
 
+RESULTS_FIRST = ("findings", "attack", "uaps")  # then diagnostics, then the run's context
+CONTEXT_LAST = ("data", "model", "config", "environment", "timing_seconds")
+
+
 def render_html(self: Report) -> str:
-    """The self-contained page: every section's summary, plots (embedded) and figures."""
-    sections = []
-    used_plot_sections = set()
-    for key, value in self.data.items():
-        if key == "plots":
-            continue
+    """The self-contained page: results first (summary, plots embedded, figures), then context."""
+    sections: list[str] = []
+    plot_sections = {p.section for p in self.plots}
+    done: set[str] = set()
+
+    def add(key: str, prefix: str, body: Any, *, open_: bool) -> None:
+        done.add(key)
         plots = [p for p in self.plots if p.section == key]
-        used_plot_sections.add(key)
-        sections.append(_section_html(key, self.summaries.get(key, ""), plots, value))
-    for p in self.plots:
-        if p.section not in used_plot_sections:
-            used_plot_sections.add(p.section)
-            sections.append(_section_html(p.section, self.summaries.get(p.section, ""),
-                                          [q for q in self.plots if q.section == p.section], None))
+        sections.append(_section_html(key, prefix, self.summaries.get(key, ""), plots, body, open_=open_))
+
+    for key in RESULTS_FIRST:
+        if key in self.data:
+            add(key, key, self.data[key], open_=key != "uaps")
+    for name, body in self.data.get("diagnostics", {}).items():
+        add(name, f"diagnostics.{name}", body, open_=False)
+    rest = [k for k in self.data if k not in (*RESULTS_FIRST, *CONTEXT_LAST, "diagnostics", "plots")]
+    for key in [*rest, *(k for k in CONTEXT_LAST if k in self.data)]:
+        add(key, key, self.data[key], open_=False)
+    for key in sorted(plot_sections - done):
+        add(key, key, None, open_=False)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{html.escape(self.title)}</h1>{''.join(sections)}"
             "</body></html>\n")
