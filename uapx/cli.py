@@ -22,6 +22,29 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 
+def _count_or_all(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {text!r}") from None
+
+
+def _add_attack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="zoo:<name> or a checkpoint path (default: zoo:<dataset>-natural)")
+    p.add_argument("--arch", default=None, help="architecture of a plain state_dict checkpoint")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="data split (default: test)")
+    p.add_argument("--attack", default="pgd-l2", help="attack plugin (default: pgd-l2)")
+    p.add_argument("--eps", type=float, default=None, help="L2 budget (default: 2.0 MNIST, 0.5 CIFAR-10)")
+    p.add_argument("--steps", type=int, default=20, help="PGD steps (default: 20)")
+    p.add_argument("--step-size", type=float, default=None, help="PGD step size (default: 2.5*eps/steps)")
+    p.add_argument("--n-samples", type=_count_or_all, default=1000,
+                   help="images to attack, a seeded random subset, or 'all' (default: 1000; attack: all)")
+    p.add_argument("--batch-size", type=int, default=250, help="attack batch size (default: 250)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -34,18 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="attack, build UAPs, run diagnostics, write a report")
     _add_common_model_args(a)
-    a.add_argument("--model", default=None,
-                   help="zoo:<name> or a checkpoint path (default: zoo:<dataset>-natural)")
-    a.add_argument("--arch", default=None, help="architecture of a plain state_dict checkpoint")
-    a.add_argument("--split", default="test", choices=["train", "test"], help="data split (default: test)")
+    _add_attack_args(a)
     a.add_argument("--plugins", default="average,svd",
                    help="comma-separated UAP methods and diagnostics (default: average,svd; see 'uapx plugins')")
-    a.add_argument("--attack", default="pgd-l2", help="attack plugin (default: pgd-l2)")
-    a.add_argument("--eps", type=float, default=None, help="L2 budget (default: 2.0 MNIST, 0.5 CIFAR-10)")
-    a.add_argument("--steps", type=int, default=20, help="PGD steps (default: 20)")
-    a.add_argument("--step-size", type=float, default=None, help="PGD step size (default: 2.5*eps/steps)")
-    a.add_argument("--n-samples", type=int, default=1000, help="images to attack (default: 1000)")
-    a.add_argument("--batch-size", type=int, default=250, help="attack batch size (default: 250)")
     a.add_argument("--k", type=int, default=5, help="directions per SVD-type method (default: 5)")
     a.add_argument("--random-draws", type=int, default=5,
                    help="random directions drawn for the baseline (default: 5)")
@@ -53,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a plugin setting, e.g. --set svd.center=true --set average.normalize=true")
     a.add_argument("--out", default="uapx-report", help="report folder (default: ./uapx-report)")
     a.add_argument("--overwrite", action="store_true", help="replace a report folder that already holds a run")
+
+    k = sub.add_parser("attack", help="perturb a data set with PGD and save the perturbation set (resumable)")
+    _add_common_model_args(k)
+    _add_attack_args(k)
+    k.set_defaults(n_samples=None)
+    k.add_argument("--chunk-size", type=int, default=4096, help="images per chunk file (default: 4096)")
+    k.add_argument("--out", required=True, help="perturbation set folder; the same command resumes it")
 
     t = sub.add_parser("train", help="train a natural or adversarially robust model")
     _add_common_model_args(t)
@@ -126,15 +147,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace, **extra):
+    from .pipeline import AnalyzeConfig
+
+    return AnalyzeConfig(dataset=args.dataset, data_root=args.data_root, split=args.split, model=args.model,
+                         arch=args.arch, attack=args.attack, eps=args.eps, steps=args.steps,
+                         step_size=args.step_size, n_samples=args.n_samples, batch_size=args.batch_size,
+                         device=args.device, seed=args.seed, out=args.out, **extra)
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from .pipeline import attack_dataset
+
+    if args.chunk_size < 1:
+        raise UapxError(f"--chunk-size must be >= 1, got {args.chunk_size}", "pass --chunk-size 1 or more")
+    pset = attack_dataset(_config(args), chunk_size=args.chunk_size, registry=_registry(args))
+    print(f"wrote {len(pset)} perturbations (d = {pset.d}) to {args.out}")
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .pipeline import AnalyzeConfig, analyze
+    from .pipeline import analyze
 
     plugins = [p.strip() for p in args.plugins.split(",") if p.strip()]
-    cfg = AnalyzeConfig(dataset=args.dataset, data_root=args.data_root, split=args.split, model=args.model,
-                        arch=args.arch, plugins=plugins, attack=args.attack, eps=args.eps, steps=args.steps,
-                        step_size=args.step_size, n_samples=args.n_samples, batch_size=args.batch_size,
-                        plugin_settings=parse_settings(args.settings), k=args.k, random_draws=args.random_draws, device=args.device, seed=args.seed,
-                        out=args.out, overwrite=args.overwrite)
+    cfg = _config(args, plugins=plugins, plugin_settings=parse_settings(args.settings), k=args.k,
+                  random_draws=args.random_draws, overwrite=args.overwrite)
     result = analyze(cfg, registry=_registry(args))
     print(f"report written to {result.out}/index.html")
     return 0
@@ -158,7 +195,7 @@ def parse_settings(items: list[str]) -> dict[str, dict]:
     return out
 
 
-COMMANDS = {"analyze": cmd_analyze, "train": cmd_train, "plugins": cmd_plugins, "info": cmd_info}
+COMMANDS = {"analyze": cmd_analyze, "attack": cmd_attack, "train": cmd_train, "plugins": cmd_plugins, "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

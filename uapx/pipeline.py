@@ -20,9 +20,9 @@ from tqdm import tqdm
 from . import __version__, data, info, models
 from .attacks import Trajectory, check_budget
 from .errors import EXIT_PLUGIN, UapxError
-from .evaluate import UAPEvaluation, evaluate_uap, predict, random_baseline
+from .evaluate import UAPEvaluation, evaluate_uap, random_baseline
 from .methods import UAP
-from .perturbations import PerturbationSet
+from .perturbations import PerturbationSet, PerturbationWriter
 from .registry import Registry, get_registry
 from .report import Report, check_output_folder
 
@@ -137,14 +137,83 @@ def _check_images(x: torch.Tensor) -> None:
                         "give images scaled to [0, 1]; normalisation belongs in the model")
 
 
-def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Any, *, batch_size: int,
-               device: str = "cpu", desc: str = "attack") -> torch.Tensor:
-    """Attack ``x`` ``(N, C, H, W)`` in batches with a progress bar; returns ``x_adv`` on the CPU."""
-    out = torch.empty_like(x)
-    for s in tqdm(range(0, x.shape[0], batch_size), desc=desc, unit="batch"):
-        xa, _ = attack(model, x[s:s + batch_size].to(device), y[s:s + batch_size].to(device))
-        out[s:s + batch_size] = xa.cpu()
-    return out
+def perturb(model: nn.Module, images: data.ImageSet, attack: Any, *, batch_size: int, device: str = "cpu",
+            meta: dict, writer: PerturbationWriter | None = None, chunk_size: int = 4096) -> PerturbationSet:
+    """Attack every image of ``images`` in batches, with a progress bar.
+
+    Without ``writer`` the perturbations are kept in memory; with one they are written chunk by
+    chunk (``chunk_size`` images each) and the chunks the writer already holds are skipped, so a
+    killed run resumes.  ``meta`` gives the set's shape, eps, norm, model_id and attack.
+    """
+    n = len(images)
+    cols: dict[str, list[torch.Tensor]] = {"deltas": [], "labels": [], "clean": [], "adv": []}
+    start = writer.rows_done if writer is not None else 0
+    bar = tqdm(total=n, initial=start, desc="attack", unit="img")
+    step = chunk_size if writer is not None else n
+    for s in range(start, n, max(step, 1)):
+        x = images.images(slice(s, s + step))
+        y = images.y[s:s + step]
+        _check_images(x)
+        deltas, clean, adv = [], [], []
+        for b in range(0, x.shape[0], batch_size):
+            xb, yb = x[b:b + batch_size].to(device), y[b:b + batch_size].to(device)
+            xa, _ = attack(model, xb, yb)
+            with torch.no_grad():
+                clean.append(model(xb).argmax(1).cpu())
+                adv.append(model(xa).argmax(1).cpu())
+            deltas.append((xa - xb).reshape(xb.shape[0], -1).cpu())
+            bar.update(xb.shape[0])
+        d, c_, a_ = torch.cat(deltas), torch.cat(clean), torch.cat(adv)
+        idx = images.indices[s:s + step] if images.indices is not None else torch.arange(s, s + x.shape[0])
+        if writer is not None:
+            writer.write_chunk(d, y, c_, a_, idx)
+        else:
+            cols["deltas"].append(d), cols["labels"].append(y), cols["clean"].append(c_), cols["adv"].append(a_)
+    bar.close()
+    if writer is not None:
+        writer.finish()
+        return PerturbationSet.load(writer.folder)
+    return PerturbationSet(torch.cat(cols["deltas"]), torch.cat(cols["labels"]), torch.cat(cols["clean"]),
+                           torch.cat(cols["adv"]), meta["shape"], meta["eps"], meta["norm"], meta["model_id"],
+                           meta["attack"], images.indices)
+
+
+@dataclass
+class Setup:
+    """What analyze and attack share: the resolved config's images, model and attack."""
+
+    images: data.ImageSet
+    model: nn.Module
+    card: dict
+    attack: Any
+    meta: dict
+
+
+def setup(c: AnalyzeConfig, reg: Registry) -> Setup:
+    """Load data, model and the attack plugin for a resolved config."""
+    attack_comp = reg.get(c.attack, "attack")
+    torch.manual_seed(c.seed)
+    images = data.load(c.dataset, c.split, c.data_root).subset(c.n_samples, seed=c.seed)
+    model, card = models.load_with_card(c.model, device=c.device, arch=c.arch)
+    attack = _instantiate(attack_comp.cls, {"eps": c.eps, "steps": c.steps, "step_size": c.step_size,
+                                            **c.plugin_settings.get(c.attack, {})})
+    meta = {"shape": tuple(images.shape), "eps": c.eps, "norm": attack.norm, "model_id": c.model,
+            "attack": {"name": c.attack, **attack.settings()}}
+    return Setup(images, model, card, attack, meta)
+
+
+def attack_dataset(config: AnalyzeConfig, *, chunk_size: int = 4096, registry: Registry | None = None) -> PerturbationSet:
+    """``uapx attack``: perturb a data set and write the set folder ``config.out`` (resumable)."""
+    reg = registry or get_registry()
+    c = config.resolved()
+    s = setup(c, reg)
+    data_meta = {"dataset": c.dataset, "split": c.split, "n_samples": len(s.images), "seed": c.seed,
+                 "chunk_size": chunk_size}
+    writer = PerturbationWriter(c.out, {**s.meta, "shape": list(s.meta["shape"]), "data": data_meta})
+    if writer.complete:
+        return PerturbationSet.load(c.out)
+    return perturb(s.model, s.images, s.attack, batch_size=c.batch_size, device=c.device, meta=s.meta,
+                   writer=writer, chunk_size=chunk_size)
 
 
 def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> AnalyzeResult:
@@ -152,28 +221,18 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     reg = registry or get_registry()
     c = config.resolved()
     components = reg.check_names(c.plugins)  # before any work
-    attack_comp = reg.get(c.attack, "attack")
+    reg.get(c.attack, "attack")
     out = check_output_folder(c.out, overwrite=c.overwrite)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-
-    torch.manual_seed(c.seed)
-    images = data.load(c.dataset, c.split, c.data_root).subset(c.n_samples, seed=c.seed)
-    model, card = models.load_with_card(c.model, device=c.device, arch=c.arch)
-    x, y = images.images(), images.y
-    _check_images(x)
-    clean_pred = predict(model, x, batch_size=c.batch_size, device=c.device)
-    attack = _instantiate(attack_comp.cls, {"eps": c.eps, "steps": c.steps, "step_size": c.step_size,
-                                            **c.plugin_settings.get(c.attack, {})})
+    s = setup(c, reg)
+    images, model, card, attack = s.images, s.model, s.card, s.attack
     timing["load"] = time.perf_counter() - t0
-
     t = time.perf_counter()
-    x_adv = run_attack(model, x, y, attack, batch_size=c.batch_size, device=c.device)
+    pset = perturb(model, images, attack, batch_size=c.batch_size, device=c.device, meta=s.meta)
     timing["attack"] = time.perf_counter() - t
-    adv_pred = predict(model, x_adv, batch_size=c.batch_size, device=c.device)
-    deltas = (x_adv - x).reshape(x.shape[0], -1)
-    pset = PerturbationSet(deltas, y.clone(), clean_pred, adv_pred, images.shape, c.eps, attack.norm, c.model,
-                           {"name": c.attack, **attack.settings()}, images.indices)
+    x, y, clean_pred, adv_pred = images.images(), images.y, pset.clean_pred, pset.adv_pred
+    deltas = pset.matrix()
     analysis = Analysis(c, model, card, images, x, y, clean_pred, pset, attack)
 
     t = time.perf_counter()
