@@ -4,10 +4,13 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+# what MadryLab's robustness library normalises CIFAR-10 with (robustness/datasets.py)
+ROBUSTNESS_CIFAR_MEAN, ROBUSTNESS_CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
 
 class Normalize(nn.Module):
@@ -86,6 +89,73 @@ class CifarResNet(nn.Module):
         return self.head(self.layers(self.stem(self.normalize(x))))
 
 
+class Bottleneck(nn.Module):
+    """ResNet bottleneck block (1x1, 3x3 with the stride, 1x1 to ``4 * planes``), post-activation."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = self.expansion * planes
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class RobustnessResNet(nn.Module):
+    """The CIFAR ResNet of MadryLab's ``robustness`` library (``robustness/cifar_models/resnet.py``).
+
+    Module names are theirs (``conv1``, ``bn1``, ``layer1``..``layer4``, ``linear``; blocks with
+    ``conv1``.., ``shortcut.0``/``shortcut.1``), so their state_dict keys load 1:1.  Their
+    ``normalizer`` (mean/std of the data set) is this model's ``normalize`` layer.
+
+    Input ``(N, 3, 32, 32)`` in [0, 1]; output logits ``(N, num_classes)``.
+    """
+
+    def __init__(self, block: type[nn.Module], num_blocks: Sequence[int], num_classes: int = 10,
+                 mean: Sequence[float] = ROBUSTNESS_CIFAR_MEAN, std: Sequence[float] = ROBUSTNESS_CIFAR_STD) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, (n, planes) in enumerate(zip(num_blocks, (64, 128, 256, 512))):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, planes, stride=2 if (i > 0 and j == 0) else 1))
+                cin = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(self.normalize(x))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.avg_pool2d(out, 4)  # theirs: 4x4 maps of 32x32 inputs -> 1x1
+        return self.linear(out.flatten(1))
+
+
+def robustness_resnet18(num_classes: int = 10) -> RobustnessResNet:
+    """``robustness``'s CIFAR ResNet-18 (BasicBlock, [2, 2, 2, 2])."""
+    return RobustnessResNet(BasicBlock, (2, 2, 2, 2), num_classes)
+
+
+def robustness_resnet50(num_classes: int = 10) -> RobustnessResNet:
+    """``robustness``'s CIFAR ResNet-50 (Bottleneck, [3, 4, 6, 3]): their pretrained CIFAR-10 models."""
+    return RobustnessResNet(Bottleneck, (3, 4, 6, 3), num_classes)
+
+
 def resnet18(num_classes: int = 10) -> CifarResNet:
     """ResNet-18 for CIFAR-10 (11M parameters; for GPU training)."""
     return CifarResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes)
@@ -100,6 +170,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mnist-cnn": MadryMnistCNN,
     "resnet18": resnet18,
     "resnet-small": resnet_small,
+    "robustness-resnet18": robustness_resnet18,
+    "robustness-resnet50": robustness_resnet50,
 }
 
 DEFAULT_ARCH = {"mnist": "mnist-cnn", "cifar10": "resnet-small"}
