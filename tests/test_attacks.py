@@ -198,12 +198,9 @@ def test_nan_gradient_is_a_user_error(batch):
         pgd(NaNModel(), x, y, norm="l2", eps=1.0, steps=2, step_size=0.5)
 
 
-# -- known bugs in uapx/attacks.py (reported; not fixed here) ------------------------------------
+# -- bad input to the attack is a user error, up front ------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, OverflowError),
-                   reason="check_budget calls int(steps) before validating: NaN/inf steps raise "
-                          "ValueError/OverflowError instead of UapxError")
 @pytest.mark.parametrize("steps", [float("nan"), float("inf")])
 def test_non_finite_steps_are_user_errors(batch, steps):
     x, y = batch
@@ -211,9 +208,6 @@ def test_non_finite_steps_are_user_errors(batch, steps):
         pgd(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), x, y, norm="l2", eps=1.0, steps=steps, step_size=0.1)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="pgd_trajectory does not check record indices: an out-of-range index raises "
-                          "IndexError after the first PGD step instead of a UapxError up front")
 def test_record_index_out_of_range_is_a_user_error(batch):
     x, y = batch
     with pytest.raises(UapxError):
@@ -221,10 +215,6 @@ def test_record_index_out_of_range_is_a_user_error(batch):
                        record=torch.tensor([len(x)]))
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="pgd_trajectory does not check that loss_fn returns per-sample losses (N,): a "
-                          "mean-reduced loss raises IndexError when recording (and silently rescales the "
-                          "gradient otherwise)")
 def test_scalar_loss_fn_is_a_user_error(batch):
     x, y = batch
     with pytest.raises(UapxError):

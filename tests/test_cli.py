@@ -102,3 +102,33 @@ def test_plugin_settings_reach_the_plugin(tmp_path):
     glob = [k for k in rep["uaps"]["evaluations"] if ":class-" not in k]
     assert glob == ["svd:v1", "svd:v2"]
     assert rep["uaps"]["evaluations"]["svd:v1"]["method"] == "SVDUAP(k=2, center=True, solver='gram', per_class=True)"
+
+
+def test_saved_uaps_apply_to_another_run_and_transfer(small_report, tmp_path, capsys):
+    from uapx.methods import load_uaps
+
+    uaps = load_uaps(small_report / "uaps.pt")
+    rep = json.loads((small_report / "report.json").read_text())
+    assert {u.name for u in uaps} == set(rep["uaps"]["evaluations"])
+    assert all(abs(float(u.vector.norm()) - 2.0) < 1e-4 for u in uaps)
+    out = tmp_path / "applied.json"
+    code, stdout, _ = run(capsys, "apply", str(small_report / "uaps.pt"), "--only", "average,svd:v1",
+                          "--n-samples", "60", "--out", str(out))
+    assert code == 0 and "svd:v1" in stdout and "random" in stdout
+    applied = json.loads(out.read_text())
+    # the same UAPs on the same images and model: the same numbers as the report
+    for name in ("average", "svd:v1"):
+        assert applied["evaluations"][name]["fooling_rate"] == rep["uaps"]["evaluations"][name]["fooling_rate"]
+    code, _, err = run(capsys, "apply", str(small_report / "uaps.pt"), "--only", "nope")
+    assert code == 2 and "no UAP named 'nope'" in err
+
+
+def test_transfer_to_another_model(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    assert main(["analyze", *SMALL, "--plugins", "average", "--transfer", "zoo:mnist-natural",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    t = rep["uaps"]["transfer"]["zoo:mnist-natural"]
+    # transferring to the very same model reproduces the model's own numbers
+    assert t["evaluations"]["average"]["fooling_rate"] == rep["uaps"]["evaluations"]["average"]["fooling_rate"]
+    assert set(t["evaluations"]) == {"average"}

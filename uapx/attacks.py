@@ -23,7 +23,8 @@ def check_budget(eps: float, steps: int, step_size: float) -> None:
     """One-line errors for an impossible attack budget."""
     if not (eps > 0) or eps != eps or eps == float("inf"):
         raise UapxError(f"eps must be a positive finite number, got {eps}", "pass --eps > 0, e.g. --eps 2.0")
-    if int(steps) != steps or steps < 1:
+    if not isinstance(steps, (int, float)) or steps != steps or steps in (float("inf"), float("-inf")) \
+            or int(steps) != steps or steps < 1:
         raise UapxError(f"steps must be a whole number >= 1, got {steps}", "pass --steps 1 or more")
     if not (step_size > 0) or step_size == float("inf"):
         raise UapxError(f"step size must be positive, got {step_size}", "pass --step-size > 0")
@@ -90,7 +91,10 @@ def pgd_trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     elif record is False or record is None:
         rec_idx = None
     else:
-        rec_idx = torch.as_tensor(record, dtype=torch.long)
+        rec_idx = torch.as_tensor(record, dtype=torch.long).reshape(-1)
+        if rec_idx.numel() and (int(rec_idx.min()) < 0 or int(rec_idx.max()) >= n):
+            raise UapxError(f"record indices must lie in [0, {n}), got {rec_idx.tolist()[:5]}",
+                            "pass positions of samples in the batch")
     if rec_idx is not None:
         m, d = rec_idx.numel(), x0[0].numel()
         grads = torch.empty(steps, m, d)
@@ -101,6 +105,9 @@ def pgd_trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
         xa.requires_grad_(True)
         with torch.enable_grad():
             loss = loss_fn(model(xa), y)
+            if loss.shape != (n,):
+                raise UapxError(f"loss_fn must return per-sample losses of shape ({n},), got {tuple(loss.shape)}",
+                                "use reduction='none' in the loss")
             (grad,) = torch.autograd.grad(loss.sum() * sign, xa)
         xa = xa.detach()
         if not torch.isfinite(grad).all():

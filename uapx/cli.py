@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random directions drawn for the baseline (default: 5)")
     a.add_argument("--set", dest="settings", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
                    help="a plugin setting, e.g. --set svd.center=true --set average.normalize=true")
+    a.add_argument("--transfer", default="", metavar="MODEL[,MODEL...]",
+                   help="also apply the global UAPs to these models (zoo:NAME or checkpoint paths)")
     a.add_argument("--out", default="uapx-report", help="report folder (default: ./uapx-report)")
     a.add_argument("--overwrite", action="store_true", help="replace a report folder that already holds a run")
 
@@ -74,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(n_samples=None)
     k.add_argument("--chunk-size", type=int, default=4096, help="images per chunk file (default: 4096)")
     k.add_argument("--out", required=True, help="perturbation set folder; the same command resumes it")
+
+    ap = sub.add_parser("apply", help="apply saved UAPs (a report's uaps.pt) to a model and data set")
+    _add_common_model_args(ap)
+    ap.add_argument("uaps", help="UAP file, e.g. uapx-report/uaps.pt")
+    ap.add_argument("--model", default=None, help="zoo:<name> or a checkpoint path (default: zoo:<dataset>-natural)")
+    ap.add_argument("--arch", default=None, help="architecture of a plain state_dict checkpoint")
+    ap.add_argument("--split", default="test", choices=["train", "test"])
+    ap.add_argument("--n-samples", type=_count_or_all, default="all", help="images (default: all)")
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--random-draws", type=int, default=5)
+    ap.add_argument("--only", default="", help="comma-separated UAP names to apply (default: all)")
+    ap.add_argument("--out", default=None, help="write the results as JSON to this file")
 
     t = sub.add_parser("train", help="train a natural or adversarially robust model")
     _add_common_model_args(t)
@@ -166,12 +180,30 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .pipeline import apply_uaps
+
+    only = [n.strip() for n in args.only.split(",") if n.strip()]
+    res = apply_uaps(args.uaps, model=args.model or f"zoo:{args.dataset}-natural", dataset=args.dataset,
+                     data_root=args.data_root, split=args.split, n_samples=args.n_samples, arch=args.arch,
+                     batch_size=args.batch_size, draws=args.random_draws, seed=args.seed, device=args.device,
+                     only=only, out=args.out)
+    print(f"{'uap':<28} {'eps':>6} {'fooling':>8} {'accuracy':>8} sign")
+    for name, ev in res["evaluations"].items():
+        print(f"{name:<28} {ev['eps']:>6g} {ev['fooling_rate']:>8.4f} {ev['accuracy']:>8.4f} {ev['sign']:+d}")
+    for eps, b in res["random_baseline"].items():
+        print(f"{'random (mean of ' + str(b['draws']) + ')':<28} {float(eps):>6g} "
+              f"{b['fooling_rate']['mean']:>8.4f} {b['accuracy']['mean']:>8.4f}")
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .pipeline import analyze
 
     plugins = [p.strip() for p in args.plugins.split(",") if p.strip()]
     cfg = _config(args, plugins=plugins, plugin_settings=parse_settings(args.settings), k=args.k,
-                  random_draws=args.random_draws, overwrite=args.overwrite)
+                  random_draws=args.random_draws, overwrite=args.overwrite,
+                  transfer=[m.strip() for m in args.transfer.split(",") if m.strip()])
     result = analyze(cfg, registry=_registry(args))
     print(f"report written to {result.out}/index.html")
     return 0
@@ -195,7 +227,7 @@ def parse_settings(items: list[str]) -> dict[str, dict]:
     return out
 
 
-COMMANDS = {"analyze": cmd_analyze, "attack": cmd_attack, "train": cmd_train, "plugins": cmd_plugins, "info": cmd_info}
+COMMANDS = {"analyze": cmd_analyze, "attack": cmd_attack, "apply": cmd_apply, "train": cmd_train, "plugins": cmd_plugins, "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

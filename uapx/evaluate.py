@@ -118,3 +118,20 @@ def random_baseline(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
         return {"mean": m, "std": sd, "min": min(vals), "max": max(vals)}
 
     return {"eps": eps, "draws": draws, "fooling_rate": stats(fool), "accuracy": stats(acc)}
+
+
+def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list[UAP], *, num_classes: int,
+                  draws: int = 5, seed: int = 0, batch_size: int = 500, device: str = "cpu",
+                  clean_pred: torch.Tensor | None = None) -> tuple[dict[str, UAPEvaluation], dict]:
+    """Evaluate every UAP on ``(x, y)`` and the random baseline at each eps they use.
+
+    Returns ``(evaluations by UAP name, {"clean_accuracy", "random_baseline": {eps: baseline}})``.
+    """
+    if clean_pred is None:
+        clean_pred = predict(model, x, batch_size=batch_size, device=device)
+    evals = {u.name: evaluate_uap(model, x, y, u, clean_pred=clean_pred, num_classes=num_classes,
+                                  batch_size=batch_size, device=device) for u in uaps}
+    baselines = {f"{e:g}": random_baseline(model, x, y, e, clean_pred=clean_pred, num_classes=num_classes,
+                                           draws=draws, seed=seed, batch_size=batch_size, device=device)
+                 for e in sorted({u.eps for u in uaps})}
+    return evals, {"clean_accuracy": float((clean_pred == y).double().mean()), "random_baseline": baselines}

@@ -50,23 +50,44 @@ class UAP:
     meta: dict = field(default_factory=dict)
     tag: str = ""  # the direction's tag within its method, e.g. "v1"
 
-    def save(self, path) -> None:
-        from . import atomic
 
-        atomic.torch_save({"format": "uapx-uap", "version": 1, "name": self.name, "vector": self.vector,
-                           "method": self.method, "eps": self.eps, "source_class": self.source_class,
-                           "signless": self.signless, "meta": self.meta, "tag": self.tag}, path)
+@dataclass
+class MethodData:
+    """The model and images that model-based methods (``needs_model = True``) optimise on.
+
+    Attributes:
+        model: the classifier (eval mode); x: ``(N, C, H, W)`` images in [0, 1], row i of the
+            perturbation set; y: ``(N,)`` labels; device, batch_size, seed: how to run.
+    """
+
+    model: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    device: str = "cpu"
+    batch_size: int = 250
+    seed: int = 0
+
+    def select(self, mask: torch.Tensor) -> "MethodData":
+        return MethodData(self.model, self.x[mask], self.y[mask], self.device, self.batch_size, self.seed)
 
 
 class UAPMethod:
     """Base of UAP method plugins.
 
-    Subclasses set ``name`` and ``description`` and implement :meth:`directions`.
-    Keyword settings given to the constructor are stored and shown by ``repr``.
+    Subclasses set ``name`` and ``description`` and implement :meth:`directions`.  Keyword
+    settings given to the constructor are stored and shown by ``repr``.
+
+    Set-based methods (the default) implement ``directions(pset)``: one computation serves
+    every eps, since each direction is scaled onto the eps-sphere.  Model-based methods set
+    ``needs_model = True`` and implement ``directions(pset, *, data, eps)``: they optimise a
+    perturbation for each eps on ``data`` (a :class:`MethodData`); the base class still scales
+    the result onto the eps-sphere, so all methods are compared at the same norm (the norm
+    the method itself reached is kept in ``meta["found_norm"]``).
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    needs_model: ClassVar[bool] = False
 
     def __init__(self, *, per_class: bool = True, **settings) -> None:
         self.per_class = per_class
@@ -76,29 +97,68 @@ class UAPMethod:
         args = ", ".join(f"{k}={v!r}" for k, v in {**self.settings, "per_class": self.per_class}.items())
         return f"{type(self).__name__}({args})"
 
-    def directions(self, pset: PerturbationSet) -> list[Direction]:
+    def directions(self, pset: PerturbationSet, **kwargs) -> list[Direction]:
         """Find universal directions in ``pset`` (rows ``(N, d)``); any non-zero norm."""
         raise NotImplementedError
 
-    def __call__(self, pset: PerturbationSet, eps: float | Sequence[float]) -> list[UAP]:
+    def __call__(self, pset: PerturbationSet, eps: float | Sequence[float], *,
+                 data: MethodData | None = None) -> list[UAP]:
         """UAPs of norm ``eps`` (each of several eps): global, then per class if ``per_class``."""
+        from .errors import UapxError
+
         eps_list = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
-        groups: list[tuple[int | None, PerturbationSet]] = [(None, pset)]
+        if self.needs_model and data is None:
+            raise UapxError(f"UAP method {self.name!r} needs the model and images",
+                            "call it with data=MethodData(model, x, y)")
+        groups: list[tuple[int | None, torch.Tensor | None]] = [(None, None)]
         if self.per_class:
-            groups += [(c, pset.where(pset.labels == c)) for c in pset.classes]
+            groups += [(c, pset.labels == c) for c in pset.classes]
         out: list[UAP] = []
-        for cls, part in groups:
+        for cls, mask in groups:
+            part = pset if mask is None else pset.where(mask)
             if len(part) == 0:
                 continue
-            for direction in self.directions(part):
-                v = direction.vector.detach().float().reshape(-1)
-                norm = float(v.norm())
-                if not norm > 0 or norm != norm:
-                    continue  # a zero or NaN direction is no perturbation
-                for e in eps_list:
-                    parts = [self.name] + ([direction.tag] if direction.tag else [])
-                    parts += [f"class-{cls}"] if cls is not None else []
-                    name = ":".join(parts) + (f"@{e:g}" if len(eps_list) > 1 else "")
-                    out.append(UAP(name, (v * (e / norm)).reshape(pset.shape), repr(self), e, cls,
-                                   direction.signless, dict(direction.meta), direction.tag))
+            if self.needs_model:
+                part_data = data if mask is None else data.select(mask)
+                found = [(self.directions(part, data=part_data, eps=e), [e]) for e in eps_list]
+            else:
+                found = [(self.directions(part), eps_list)]
+            for directions, eps_group in found:
+                for direction in directions:
+                    out += self._scaled(direction, eps_group, cls, pset.shape, len(eps_list) > 1)
         return out
+
+    def _scaled(self, direction: Direction, eps_list: list[float], cls: int | None, shape: tuple,
+                tag_eps: bool) -> list[UAP]:
+        v = direction.vector.detach().float().reshape(-1)
+        norm = float(v.norm())
+        if not norm > 0 or norm != norm:
+            return []  # a zero or NaN direction is no perturbation
+        out = []
+        for e in eps_list:
+            parts = [self.name] + ([direction.tag] if direction.tag else [])
+            parts += [f"class-{cls}"] if cls is not None else []
+            name = ":".join(parts) + (f"@{e:g}" if tag_eps else "")
+            meta = {**direction.meta, **({"found_norm": norm} if self.needs_model else {})}
+            out.append(UAP(name, (v * (e / norm)).reshape(shape), repr(self), e, cls, direction.signless, meta,
+                           direction.tag))
+        return out
+
+
+def save_uaps(path, uaps: Sequence[UAP]) -> None:
+    """Write UAPs (tensors plus metadata) to one file, atomically."""
+    from . import atomic
+
+    atomic.torch_save({"format": "uapx-uaps", "version": 1,
+                       "uaps": [{**{k: getattr(u, k) for k in UAP.__dataclass_fields__}} for u in uaps]}, path)
+
+
+def load_uaps(path) -> list[UAP]:
+    """Read UAPs written by :func:`save_uaps` (a report's ``uaps.pt``)."""
+    from .errors import UapxError
+    from .models.checkpoints import read_checkpoint
+
+    obj = read_checkpoint(path)
+    if not isinstance(obj, dict) or obj.get("format") != "uapx-uaps":
+        raise UapxError(f"{str(path)!r} is not a uapx UAP file", "pass a uaps.pt written by 'uapx analyze'")
+    return [UAP(**d) for d in obj["uaps"]]

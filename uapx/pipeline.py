@@ -7,7 +7,7 @@ reuse one attack run.  Plugins are found through the registry only.
 from __future__ import annotations
 
 import inspect
-import io
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +20,8 @@ from tqdm import tqdm
 from . import __version__, data, info, models
 from .attacks import Trajectory, check_budget
 from .errors import EXIT_PLUGIN, UapxError
-from .evaluate import UAPEvaluation, evaluate_uap, random_baseline
-from .methods import UAP
+from .evaluate import UAPEvaluation, evaluate_many, random_baseline
+from .methods import UAP, MethodData, save_uaps
 from .perturbations import PerturbationSet, PerturbationWriter
 from .registry import Registry, get_registry
 from .report import Report, check_output_folder
@@ -49,6 +49,7 @@ class AnalyzeConfig:
     k: int = 5
     random_draws: int = 5
     trajectory_samples: int = 100
+    transfer: list[str] = field(default_factory=list)  # other models to apply the global UAPs to
     device: str = "cpu"
     seed: int = 0
     out: str = "uapx-report"
@@ -237,15 +238,25 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
 
     t = time.perf_counter()
     methods = [comp for comp in components if comp.kind == "method"]
+    method_data = MethodData(model, x, y, c.device, c.batch_size, c.seed)
     for comp in methods:
         method = _instantiate(comp.cls, {"k": c.k, **c.plugin_settings.get(comp.name, {})})
-        analysis.uaps += _run_plugin(comp.name, lambda: method(pset, c.eps))
-    for uap in analysis.uaps:
-        analysis.evaluations[uap.name] = evaluate_uap(model, x, y, uap, clean_pred=clean_pred,
-                                                      num_classes=analysis.num_classes,
-                                                      batch_size=c.batch_size, device=c.device)
-    baseline = random_baseline(model, x, y, c.eps, clean_pred=clean_pred, num_classes=analysis.num_classes,
-                               draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device)
+        analysis.uaps += _run_plugin(comp.name, lambda: method(pset, c.eps, data=method_data))
+    evals, extra = evaluate_many(model, x, y, analysis.uaps, num_classes=analysis.num_classes,
+                                 draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device,
+                                 clean_pred=clean_pred)
+    analysis.evaluations.update(evals)
+    baseline = extra["random_baseline"].get(f"{c.eps:g}") or random_baseline(
+        model, x, y, c.eps, clean_pred=clean_pred, num_classes=analysis.num_classes, draws=c.random_draws,
+        seed=c.seed, batch_size=c.batch_size, device=c.device)
+    transfer = {}
+    global_uaps = [u for u in analysis.uaps if u.source_class is None]
+    for spec in c.transfer:
+        other = models.load(spec, device=c.device)
+        t_evals, t_extra = evaluate_many(other, x, y, global_uaps, num_classes=analysis.num_classes,
+                                         draws=c.random_draws, seed=c.seed, batch_size=c.batch_size,
+                                         device=c.device)
+        transfer[spec] = {**t_extra, "evaluations": {k: v.to_dict() for k, v in t_evals.items()}}
     timing["uap_methods"] = time.perf_counter() - t
 
     report = Report(f"uapx analysis: {c.model} on {c.dataset} ({c.split}), eps {c.eps:g}")
@@ -283,16 +294,16 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
         "uaps": {
             "random_baseline": baseline,
             "evaluations": {name: ev.to_dict() for name, ev in analysis.evaluations.items()},
+            **({"transfer": transfer} if transfer else {}),
         },
         "diagnostics": diag_results,
         "timing_seconds": {k: round(v, 3) for k, v in timing.items()},
     })
     report.summaries["uaps"] = plots.uap_summary(analysis, baseline)
     plots.add_uap_plots(report, analysis, baseline)
-    buf = io.BytesIO()
-    torch.save([{"name": u.name, "vector": u.vector, "method": u.method, "eps": u.eps,
-                 "source_class": u.source_class, "signless": u.signless} for u in analysis.uaps], buf)
-    report.extra_files["uaps.pt"] = buf.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_uaps(Path(tmp) / "uaps.pt", analysis.uaps)
+        report.extra_files["uaps.pt"] = (Path(tmp) / "uaps.pt").read_bytes()
     report.write(out)
     return AnalyzeResult(out, report.data, analysis)
 
@@ -307,3 +318,33 @@ def _run_plugin(name: str, fn):
         raise UapxError(f"plugin {name!r} failed: {type(exc).__name__}: {exc}",
                         f"run without it (--plugins) or report the bug to its authors",
                         exit_code=EXIT_PLUGIN) from exc
+
+
+def apply_uaps(path: str, *, model: str, dataset: str = "mnist", data_root: str | None = None, split: str = "test",
+               n_samples: int | None = None, arch: str | None = None, batch_size: int = 500, draws: int = 5,
+               seed: int = 0, device: str = "cpu", only: list[str] | None = None, out: str | None = None) -> dict:
+    """``uapx apply``: evaluate saved UAPs on any model and data set (JSON-ready results)."""
+    from . import atomic
+    from .methods import load_uaps
+
+    uaps = load_uaps(path)
+    if only:
+        known = {u.name for u in uaps}
+        missing = [n for n in only if n not in known]
+        if missing:
+            raise UapxError(f"no UAP named {missing[0]!r} in {path!r}",
+                            f"choose from: {', '.join(sorted(known)[:20])}")
+        uaps = [u for u in uaps if u.name in only]
+    images = data.load(dataset, split, data_root).subset(n_samples, seed=seed)
+    if uaps and tuple(uaps[0].vector.shape) != tuple(images.shape):
+        raise UapxError(f"the UAPs have shape {tuple(uaps[0].vector.shape)} but {dataset} images are "
+                        f"{tuple(images.shape)}", "apply them to a data set of the same image shape")
+    net = models.load(model, device=device, arch=arch)
+    x, y = images.images(), images.y
+    evals, extra = evaluate_many(net, x, y, uaps, num_classes=len(images.classes), draws=draws, seed=seed,
+                                 batch_size=batch_size, device=device)
+    res = {"uaps": str(path), "model": model, "dataset": dataset, "split": split, "n_images": len(images),
+           **extra, "evaluations": {k: v.to_dict() for k, v in evals.items()}}
+    if out:
+        atomic.write_json(out, res)
+    return res
