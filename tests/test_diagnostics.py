@@ -61,3 +61,43 @@ def test_spectrum_of_a_planted_low_rank_set():
     assert figs["count_above_0.3_sigma1"] == 2
     p = np.array([8, 4, 1]) / 13
     assert figs["effective_rank"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-3)
+
+
+def test_curvature_of_a_quadratic_is_exact():
+    mod = plugin_module("landscape")
+    ts = torch.linspace(-2, 2, 21)
+    h = float(ts[1] - ts[0])
+    assert mod.curvature([3.0 * float(t) ** 2 + 0.5 * float(t) + 1 for t in ts], h) == pytest.approx(6.0, rel=1e-5)
+
+
+def test_landscape_profile_passes_through_the_clean_loss():
+    from uapx import data, models
+
+    mod = plugin_module("landscape")
+    net = models.load("zoo:mnist-natural")
+    imgs = data.load("mnist", "test").subset(50, seed=5)
+    x, y = imgs.images(), imgs.y
+    clean = float(torch.nn.functional.cross_entropy(net(x), y))
+    assert mod.mean_loss(net, x, y, torch.zeros(1, 28, 28), batch_size=16) == pytest.approx(clean, rel=1e-5)
+    v = torch.randn(1, 28, 28)
+    direct = float(torch.nn.functional.cross_entropy(net((x + v).clamp(0, 1)), y))
+    assert mod.mean_loss(net, x, y, v, batch_size=7) == pytest.approx(direct, rel=1e-5)
+
+
+def test_interpretability_scores_on_known_cases():
+    mod = plugin_module("interpretability")
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(40, 1, 5, 5, generator=g)
+    y = torch.arange(40) % 4
+    diffs = mod.class_mean_differences(x, y)
+    flat = x.reshape(40, -1).double()
+    torch.testing.assert_close(diffs[2], flat[y == 2].mean(0) - flat.mean(0))
+    basis = mod.principal_subspace(x, 6)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(6, dtype=torch.float64), atol=1e-10, rtol=0)
+    inside = basis[0] * 2 - basis[3]
+    assert mod.subspace_energy(inside, basis) == pytest.approx(1.0, abs=1e-9)
+    full = mod.principal_subspace(x, 25)
+    outside = full[10]  # a principal direction not among the top 6
+    assert mod.subspace_energy(outside, basis) == pytest.approx(0.0, abs=1e-9)
+    rand = [mod.subspace_energy(torch.randn(25, generator=g, dtype=torch.float64), basis) for _ in range(400)]
+    assert sum(rand) / len(rand) == pytest.approx(6 / 25, abs=0.03)  # E = k/d for isotropic directions

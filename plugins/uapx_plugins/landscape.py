@@ -1,0 +1,103 @@
+"""Built-in diagnostic ``landscape``: the loss around the data along UAPs and random directions.
+
+For a unit direction u (a global UAP, or a random direction) and t in [-2 eps, 2 eps], the mean
+cross-entropy over images of ``clamp(x + t u, 0, 1)``; a 2-D surface over (UAP, random); and the
+curvature at t = 0 from second differences, (L(h) - 2 L(0) + L(-h)) / h^2.
+"""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import uapx  # noqa: E402
+from uapx.diagnostics import Diagnostic, DiagnosticResult  # noqa: E402
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *,
+              batch_size: int = 500, device: str = "cpu") -> float:
+    """Mean cross-entropy of ``clamp(x + v, 0, 1)``; x ``(N, C, H, W)``, v ``(C, H, W)``."""
+    total = 0.0
+    for s in range(0, x.shape[0], batch_size):
+        xb = (x[s:s + batch_size].to(device) + v.to(device)).clamp(0, 1)
+        total += float(F.cross_entropy(model(xb), y[s:s + batch_size].to(device), reduction="sum"))
+    return total / x.shape[0]
+
+
+def curvature(losses: list[float], h: float) -> float:
+    """Second difference at the centre of an odd-length profile sampled with spacing ``h``."""
+    c = len(losses) // 2
+    return (losses[c + 1] - 2 * losses[c] + losses[c - 1]) / h ** 2
+
+
+class LandscapeDiagnostic(Diagnostic):
+    """Loss profiles and curvature along the global UAPs and random directions of equal norm."""
+
+    name = "landscape"
+    description = "loss along UAPs vs random directions (curves, 2-D surface, curvature at the data)"
+
+    def __init__(self, *, points: int = 21, grid: int = 11, random_dirs: int = 3, images: int = 200) -> None:
+        super().__init__(points=points, grid=grid, random_dirs=random_dirs, images=images)
+        self.points, self.grid, self.random_dirs, self.images = points | 1, grid | 1, random_dirs, images
+
+    def run(self, analysis):
+        c = analysis.config
+        model, dev, bs = analysis.model, c.device, c.batch_size
+        x, y = analysis.x[: self.images], analysis.y[: self.images]
+        eps = float(c.eps)
+        ts = torch.linspace(-2 * eps, 2 * eps, self.points)
+        h = float(ts[1] - ts[0])
+        g = torch.Generator().manual_seed(c.seed + 7)
+        dirs: dict[str, torch.Tensor] = {}
+        for u in analysis.uaps:
+            if u.source_class is None and u.tag in ("", "v1"):
+                sign = analysis.evaluations[u.name].sign if u.name in analysis.evaluations else 1
+                dirs[u.name] = u.vector * sign / u.vector.norm()
+        for i in range(self.random_dirs):
+            r = torch.randn(x.shape[1:], generator=g)
+            dirs[f"random-{i + 1}"] = r / r.norm()
+        profiles = {name: [mean_loss(model, x, y, float(t) * d, batch_size=bs, device=dev) for t in ts]
+                    for name, d in dirs.items()}
+        curv = {name: curvature(p, h) for name, p in profiles.items()}
+        rand_curv = [curv[k] for k in curv if k.startswith("random-")]
+        figures = {"t": ts.tolist(), "images": x.shape[0], "profiles": profiles, "curvature_at_data": curv,
+                   "random_curvature_mean": sum(rand_curv) / len(rand_curv) if rand_curv else None}
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        for name, p in profiles.items():
+            ax.plot(ts.numpy(), p, ls="--" if name.startswith("random") else "-", label=name)
+        ax.set_xlabel("t (L2 distance along the direction)")
+        ax.set_ylabel("mean cross-entropy")
+        ax.legend(fontsize=7)
+        plots = [("profiles", fig, f"Mean loss of {x.shape[0]} images along each global UAP (solid) and random "
+                                   "directions (dashed), t in [-2 eps, 2 eps].")]
+        uap_names = [k for k in dirs if not k.startswith("random-")]
+        if uap_names and self.random_dirs:
+            a, b = dirs[uap_names[0]], dirs["random-1"]
+            b = b - (b.reshape(-1) @ a.reshape(-1)) * a  # orthogonalise the random axis
+            b = b / b.norm()
+            gt = torch.linspace(-2 * eps, 2 * eps, self.grid)
+            surface = [[mean_loss(model, x, y, float(s) * a + float(t) * b, batch_size=bs, device=dev) for t in gt]
+                       for s in gt]
+            figures["surface"] = {"uap": uap_names[0], "axis": gt.tolist(), "loss": surface}
+            fig2, ax2 = plt.subplots(figsize=(4.6, 3.8))
+            im = ax2.contourf(gt.numpy(), gt.numpy(), torch.tensor(surface).numpy(), levels=20, cmap="viridis")
+            fig2.colorbar(im, ax=ax2, label="mean cross-entropy")
+            ax2.set_xlabel("random direction")
+            ax2.set_ylabel(uap_names[0])
+            plots.append(("surface", fig2, f"Loss surface over ({uap_names[0]}, an orthogonal random direction)."))
+        best = max(uap_names, key=lambda k: curv[k]) if uap_names else None
+        summary = ""
+        if best is not None and rand_curv:
+            summary = (f"Curvature of the loss at the data along {best}: {curv[best]:.4g}; along random "
+                       f"directions of equal norm: {figures['random_curvature_mean']:.4g} (mean).")
+        return DiagnosticResult(figures, plots, summary)
+
+
+@uapx.hookimpl
+def uapx_add_diagnostics():
+    return [LandscapeDiagnostic]
