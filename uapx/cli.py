@@ -106,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-n", type=int, default=None, help="test images for the robust accuracy (default: all)")
     t.add_argument("--out", required=True, help="output model file (the checkpoint is <out>.ckpt)")
 
+    r = sub.add_parser("reproduce", help="the whole study: zoo models, real data, one report with the findings")
+    r.add_argument("--data-root", default=None, help="folder holding MNIST and CIFAR-10 (see 'analyze')")
+    r.add_argument("--n-samples", type=int, default=1000, help="test images per model (default: 1000)")
+    r.add_argument("--steps", type=int, default=20, help="PGD steps (default: 20)")
+    r.add_argument("--trajectory-samples", type=int, default=100, help="trajectories recorded per model")
+    r.add_argument("--batch-size", type=int, default=250)
+    r.add_argument("--datasets", default="mnist,cifar10", help="comma-separated (default: mnist,cifar10)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", default="uapx-study", help="report folder (default: ./uapx-study)")
+    r.add_argument("--overwrite", action="store_true")
+
     sub.add_parser("plugins", help="list the installed plugins and where they come from")
     sub.add_parser("info", help="versions, device, kernel backend, loaded plugins")
     return parser
@@ -197,6 +209,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import STUDY, ReproduceConfig, reproduce
+
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = [d for d in datasets if d not in STUDY]
+    if unknown:
+        raise UapxError(f"unknown data set {unknown[0]!r} in --datasets", f"choose from: {', '.join(STUDY)}")
+    out = reproduce(ReproduceConfig(data_root=args.data_root, n_samples=args.n_samples, steps=args.steps,
+                                    trajectory_samples=args.trajectory_samples, batch_size=args.batch_size,
+                                    device=args.device, seed=args.seed, out=args.out, overwrite=args.overwrite,
+                                    datasets=datasets), registry=_registry(args))
+    print(f"study report written to {out}/index.html")
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .pipeline import analyze
 
@@ -227,7 +254,7 @@ def parse_settings(items: list[str]) -> dict[str, dict]:
     return out
 
 
-COMMANDS = {"analyze": cmd_analyze, "attack": cmd_attack, "apply": cmd_apply, "train": cmd_train, "plugins": cmd_plugins, "info": cmd_info}
+COMMANDS = {"reproduce": cmd_reproduce, "analyze": cmd_analyze, "attack": cmd_attack, "apply": cmd_apply, "train": cmd_train, "plugins": cmd_plugins, "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,6 +40,7 @@ class Report:
     plots: list[Plot] = field(default_factory=list)
     summaries: dict[str, str] = field(default_factory=dict)
     extra_files: dict[str, bytes] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # sections to show first, in this order
 
     def add_plot(self, section: str, name: str, fig, caption: str = "") -> str:
         """Render a matplotlib figure to PNG (and close it); returns the file name."""
@@ -56,16 +57,20 @@ class Report:
     def write(self, out: str | os.PathLike) -> Path:
         """Write the folder atomically; returns its path."""
         out = Path(out)
+        with atomic.atomic_path(out, directory=True) as tmp:
+            self.write_into(tmp)
+        return out
+
+    def write_into(self, folder: Path) -> None:
+        """Write report.json, the PNGs, extra files and index.html into an existing folder."""
         self.data["plots"] = [{"file": p.name + ".png", "section": p.section, "caption": p.caption}
                               for p in self.plots]
-        with atomic.atomic_path(out, directory=True) as tmp:
-            for p in self.plots:
-                (tmp / f"{p.name}.png").write_bytes(p.png)
-            for name, blob in self.extra_files.items():
-                (tmp / name).write_bytes(blob)
-            (tmp / "report.json").write_text(json.dumps(self.data, indent=2, default=atomic._json_default) + "\n")
-            (tmp / "index.html").write_text(self.html())
-        return out
+        for p in self.plots:
+            (folder / f"{p.name}.png").write_bytes(p.png)
+        for name, blob in self.extra_files.items():
+            (folder / name).write_bytes(blob)
+        (folder / "report.json").write_text(json.dumps(self.data, indent=2, default=atomic._json_default) + "\n")
+        (folder / "index.html").write_text(self.html())
 
 
 def check_output_folder(out: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -130,8 +135,9 @@ border-left:4px solid #5577aa}details{margin:.5em 0}"""
 
 def _section_html(title: str, prefix: str, summary: str, plots: list[Plot], body: Any, *, open_: bool) -> str:
     parts = [f"<section><h2>{html.escape(title)}</h2>"]
-    if summary:
-        parts.append(f"<p class='summary'>{html.escape(summary)}</p>")
+    for line in summary.splitlines():
+        if line.strip():
+            parts.append(f"<p class='summary'>{html.escape(line)}</p>")
     for p in plots:
         b64 = base64.b64encode(p.png).decode()
         parts.append(f"<figure><img alt='{html.escape(p.name)}' src='data:image/png;base64,{b64}'>"
@@ -159,9 +165,11 @@ def render_html(self: Report) -> str:
         plots = [p for p in self.plots if p.section == key]
         sections.append(_section_html(key, prefix, self.summaries.get(key, ""), plots, body, open_=open_))
 
-    for key in RESULTS_FIRST:
+    for key in [*self.order, *(k for k in RESULTS_FIRST if k not in self.order)]:
         if key in self.data:
             add(key, key, self.data[key], open_=key != "uaps")
+        elif key in plot_sections:
+            add(key, key, None, open_=False)
     for name, body in self.data.get("diagnostics", {}).items():
         add(name, f"diagnostics.{name}", body, open_=False)
     rest = [k for k in self.data if k not in (*RESULTS_FIRST, *CONTEXT_LAST, "diagnostics", "plots")]
