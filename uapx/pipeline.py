@@ -149,28 +149,28 @@ def perturb(model: nn.Module, images: data.ImageSet, attack: Any, *, batch_size:
     n = len(images)
     cols: dict[str, list[torch.Tensor]] = {"deltas": [], "labels": [], "clean": [], "adv": []}
     start = writer.rows_done if writer is not None else 0
-    bar = tqdm(total=n, initial=start, desc="attack", unit="img")
-    step = chunk_size if writer is not None else n
-    for s in range(start, n, max(step, 1)):
-        x = images.images(slice(s, s + step))
-        y = images.y[s:s + step]
-        _check_images(x)
-        deltas, clean, adv = [], [], []
-        for b in range(0, x.shape[0], batch_size):
-            xb, yb = x[b:b + batch_size].to(device), y[b:b + batch_size].to(device)
-            xa, _ = attack(model, xb, yb)
-            with torch.no_grad():
-                clean.append(model(xb).argmax(1).cpu())
-                adv.append(model(xa).argmax(1).cpu())
-            deltas.append((xa - xb).reshape(xb.shape[0], -1).cpu())
-            bar.update(xb.shape[0])
-        d, c_, a_ = torch.cat(deltas), torch.cat(clean), torch.cat(adv)
-        idx = images.indices[s:s + step] if images.indices is not None else torch.arange(s, s + x.shape[0])
-        if writer is not None:
-            writer.write_chunk(d, y, c_, a_, idx)
-        else:
-            cols["deltas"].append(d), cols["labels"].append(y), cols["clean"].append(c_), cols["adv"].append(a_)
-    bar.close()
+    step = max(chunk_size if writer is not None else n, 1)
+    with tqdm(total=n, initial=start, desc="attack", unit="img") as bar:
+        for s in range(start, n, step):
+            x = images.images(slice(s, s + step))
+            y = images.y[s:s + step]
+            _check_images(x)
+            deltas, clean, adv = [], [], []
+            for b in range(0, x.shape[0], batch_size):
+                xb, yb = x[b:b + batch_size].to(device), y[b:b + batch_size].to(device)
+                xa, _ = attack(model, xb, yb)
+                with torch.no_grad():
+                    clean.append(model(xb).argmax(1).cpu())
+                    adv.append(model(xa).argmax(1).cpu())
+                deltas.append((xa - xb).reshape(xb.shape[0], -1).cpu())
+                bar.update(xb.shape[0])
+            d, c_, a_ = torch.cat(deltas), torch.cat(clean), torch.cat(adv)
+            if writer is not None:
+                idx = images.indices[s:s + step] if images.indices is not None else torch.arange(s, s + len(y))
+                writer.write_chunk(d, y, c_, a_, idx)
+            else:
+                for key, t in zip(cols, (d, y, c_, a_)):
+                    cols[key].append(t)
     if writer is not None:
         writer.finish()
         return PerturbationSet.load(writer.folder)
