@@ -51,6 +51,15 @@ class UAP:
     tag: str = ""  # the direction's tag within its method, e.g. "v1"
 
 
+def singular_directions(res) -> list[Direction]:
+    """Directions ``v1, v2, ...`` (signless) from a :class:`uapx.linalg.TopSVD`, with each one's
+    singular value and explained-variance ratio in ``meta``."""
+    total = max(res.total_energy, 1e-30)
+    return [Direction(res.V[i], tag=f"v{i + 1}", signless=True,
+                      meta={"singular_value": float(res.S[i]), "explained_variance": float(res.S[i] ** 2 / total)})
+            for i in range(res.S.numel())]
+
+
 @dataclass
 class MethodData:
     """The model and images that model-based methods (``needs_model = True``) optimise on.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import uapx
 from uapx.linalg import randomized_svd, single_pass_svd
-from uapx.methods import Direction, UAPMethod
+from uapx.methods import Direction, UAPMethod, singular_directions
 from uapx.perturbations import PerturbationSet
 
 
@@ -47,11 +47,7 @@ class RandomizedSVDUAP(UAPMethod):
         else:
             res = randomized_svd(pset.chunks, n, d, self.k, oversample=self.oversample,
                                  power_iters=self.power_iters, center=self.center, seed=self.seed)
-        total = max(res.total_energy, 1e-30)
-        return [Direction(res.V[i], tag=f"v{i + 1}", signless=True,
-                          meta={"singular_value": float(res.S[i]),
-                                "explained_variance": float(res.S[i] ** 2 / total)})
-                for i in range(res.S.numel())]
+        return singular_directions(res)
 
 
 @uapx.hookimpl

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import uapx
 from uapx.linalg import top_svd_gram, top_svd_lapack
-from uapx.methods import Direction, UAPMethod
+from uapx.methods import UAPMethod, singular_directions
 
 
 class SVDUAP(UAPMethod):
@@ -28,11 +28,7 @@ class SVDUAP(UAPMethod):
             res = top_svd_gram(pset.chunks(), pset.d, self.k, center=self.center)
         else:
             res = top_svd_lapack(pset.matrix(), self.k, center=self.center)
-        total = max(res.total_energy, 1e-30)
-        return [Direction(res.V[i], tag=f"v{i + 1}", signless=True,
-                          meta={"singular_value": float(res.S[i]),
-                                "explained_variance": float(res.S[i] ** 2 / total)})
-                for i in range(res.S.numel())]
+        return singular_directions(res)
 
 
 @uapx.hookimpl
