@@ -66,3 +66,15 @@ def test_every_figure_appears_in_the_rendered_page(report, tmp_path):
     assert captions == [p["caption"] for p in data["plots"]] or sorted(captions) == sorted(
         p["caption"] for p in data["plots"])
     assert dom.count("<img") == len(data["plots"])
+
+
+def test_comparison_table_lists_every_global_uap_and_the_baseline(report, tmp_path):
+    dom = chromium(tmp_path, "--dump-dom", (report / "index.html").as_uri()).stdout
+    table = re.search(r"<table class=\"compare\">(.*?)</table>", dom, re.S).group(1)
+    data = json.loads((report / "report.json").read_text())
+    glob = [k for k in data["uaps"]["evaluations"] if ":class-" not in k]
+    rows = re.findall(r"<tr><td>(.*?)</td>", table)
+    assert rows == [*glob, "random (2 draws)"]
+    for name in glob:
+        fr = data["uaps"]["evaluations"][name]["fooling_rate"]
+        assert f"<tr><td>{name}</td><td>2</td><td>{fr:.6g}</td>" in table

@@ -301,6 +301,7 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     })
     report.summaries["uaps"] = plots.uap_summary(analysis, baseline)
     plots.add_uap_plots(report, analysis, baseline)
+    report.tables["uaps"] = plots.comparison_table(analysis, baseline)
     with tempfile.TemporaryDirectory() as tmp:
         save_uaps(Path(tmp) / "uaps.pt", analysis.uaps)
         report.extra_files["uaps.pt"] = (Path(tmp) / "uaps.pt").read_bytes()

@@ -81,3 +81,17 @@ def uap_summary(analysis: "Analysis", baseline: dict) -> str:
     return (f"Best global UAP: {best.name} fools {fr:.1%} of {analysis.x.shape[0]} images at L2 norm "
             f"{analysis.config.eps:g}; random directions of that norm fool {rb['mean']:.1%} "
             f"(sd {rb['std']:.1%}, {baseline['draws']} draws).")
+
+
+def comparison_table(analysis: "Analysis", baseline: dict) -> tuple[list[str], list[list]]:
+    """One row per global UAP, then the random baseline: the effect of each at the same eps."""
+    head = ["UAP", "eps", "fooling rate", "accuracy x+v", "accuracy x-v", "sign kept"]
+    rows = []
+    for u in _global(analysis):
+        ev = analysis.evaluations[u.name]
+        rows.append([u.name, u.eps, ev.best.fooling_rate, ev.plus.accuracy, ev.minus.accuracy,
+                     "+" if ev.sign > 0 else "-"])
+    fr, acc = baseline["fooling_rate"], baseline["accuracy"]
+    rows.append([f"random ({baseline['draws']} draws)", baseline["eps"], f"{fr['mean']:.4g} ± {fr['std']:.2g}",
+                 f"{acc['mean']:.4g} ± {acc['std']:.2g}", "", ""])
+    return head, rows

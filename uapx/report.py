@@ -41,6 +41,7 @@ class Report:
     summaries: dict[str, str] = field(default_factory=dict)
     extra_files: dict[str, bytes] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)  # sections to show first, in this order
+    tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)  # section -> (head, rows)
 
     def add_plot(self, section: str, name: str, fig, caption: str = "") -> str:
         """Render a matplotlib figure to PNG (and close it); returns the file name."""
@@ -130,14 +131,24 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td{border:1px solid #ddd;padding:2px 8px;
 vertical-align:top}figure{display:inline-block;margin:.5em;max-width:100%}img{max-width:100%}
 figcaption{font-size:.85em;color:#555;max-width:520px}.summary{background:#f4f7fb;padding:.6em 1em;
-border-left:4px solid #5577aa}details{margin:.5em 0}"""
+border-left:4px solid #5577aa}details{margin:.5em 0}.compare th{background:#eef;padding:2px 8px;
+border:1px solid #ccd}.compare td{text-align:right}"""
 
 
-def _section_html(title: str, prefix: str, summary: str, plots: list[Plot], body: Any, *, open_: bool) -> str:
+def _plain_table(head: list[str], rows: list[list[Any]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table class='compare'><tr>{th}</tr>{body}</table>"
+
+
+def _section_html(title: str, prefix: str, summary: str, plots: list[Plot], body: Any, *, open_: bool,
+                  table: tuple[list[str], list[list[Any]]] | None = None) -> str:
     parts = [f"<section><h2>{html.escape(title)}</h2>"]
     for line in summary.splitlines():
         if line.strip():
             parts.append(f"<p class='summary'>{html.escape(line)}</p>")
+    if table is not None:
+        parts.append(_plain_table(*table))
     for p in plots:
         b64 = base64.b64encode(p.png).decode()
         parts.append(f"<figure><img alt='{html.escape(p.name)}' src='data:image/png;base64,{b64}'>"
@@ -163,7 +174,8 @@ def render_html(self: Report) -> str:
     def add(key: str, prefix: str, body: Any, *, open_: bool) -> None:
         done.add(key)
         plots = [p for p in self.plots if p.section == key]
-        sections.append(_section_html(key, prefix, self.summaries.get(key, ""), plots, body, open_=open_))
+        sections.append(_section_html(key, prefix, self.summaries.get(key, ""), plots, body, open_=open_,
+                                      table=self.tables.get(key)))
 
     for key in [*self.order, *(k for k in RESULTS_FIRST if k not in self.order)]:
         if key in self.data:
