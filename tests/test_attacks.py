@@ -220,3 +220,19 @@ def test_scalar_loss_fn_is_a_user_error(batch):
     with pytest.raises(UapxError):
         pgd_trajectory(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), x, y, eps=1.0, steps=2, step_size=0.5,
                        loss_fn=lambda logits, t: F.cross_entropy(logits, t), record=True)
+
+
+def test_trajectory_streams_to_disk_and_matches_memory(batch, tmp_path):
+    import numpy as np
+
+    x, y = batch
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+    kw = dict(eps=1.0, steps=4, step_size=0.4, record=torch.tensor([0, 2]))
+    xa, mem = pgd_trajectory(model, x, y, **kw)
+    xb, disk = pgd_trajectory(model, x, y, **kw, record_dir=tmp_path / "traj")
+    assert torch.equal(xa, xb)
+    for name in ("grads", "deltas", "losses"):
+        assert torch.equal(getattr(mem, name), getattr(disk, name))
+        on_disk = np.load(tmp_path / "traj" / f"{name}.npy", mmap_mode="r")
+        assert on_disk.shape == tuple(getattr(mem, name).shape)
+        np.testing.assert_array_equal(on_disk, getattr(mem, name).numpy())

@@ -5,9 +5,12 @@ L2 steps go through the fused op :func:`uapx.ops.l2_pgd_step_`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +50,16 @@ class Trajectory:
     losses: torch.Tensor
 
 
+def _trajectory_buffer(folder: str | os.PathLike | None, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor of ``shape``: in memory, or memory-mapped from ``folder/name.npy``."""
+    if folder is None:
+        return torch.empty(shape)
+    path = Path(folder) / f"{name}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                                      shape=shape))
+
+
 def _random_start(x0: torch.Tensor, norm: str, eps: float, generator: torch.Generator | None) -> torch.Tensor:
     n, d = x0.shape[0], x0[0].numel()
     if norm == "linf":
@@ -62,7 +75,8 @@ def _random_start(x0: torch.Tensor, norm: str, eps: float, generator: torch.Gene
 def pgd_trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str = "l2", eps: float,
                    steps: int, step_size: float, random_start: bool = False, targeted: bool = False,
                    loss_fn: LossFn | None = None, record: bool | torch.Tensor = False,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, Trajectory | None]:
+                   generator: torch.Generator | None = None,
+                   record_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, Trajectory | None]:
     """Batched PGD; returns ``(x_adv, trajectory)``.
 
     Args:
@@ -76,6 +90,9 @@ def pgd_trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
         loss_fn: ``loss_fn(logits, y) -> (N,)`` per-sample loss; cross-entropy by default.
         record: False, True (all samples) or a ``(m,)`` index tensor of samples to record.
         generator: CPU generator for the random start.
+        record_dir: stream the recorded tensors to ``grads.npy``, ``deltas.npy`` and
+            ``losses.npy`` in this folder (NumPy files, memory-mapped) instead of holding them in memory,
+            for trajectories too large for RAM; the returned tensors are views of those files.
     Returns:
         ``x_adv`` ``(N, C, H, W)`` and a :class:`Trajectory` (or None without ``record``).
     """
@@ -97,9 +114,9 @@ def pgd_trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
                             "pass positions of samples in the batch")
     if rec_idx is not None:
         m, d = rec_idx.numel(), x0[0].numel()
-        grads = torch.empty(steps, m, d)
-        deltas = torch.empty(steps, m, d)
-        losses = torch.empty(steps, m)
+        grads = _trajectory_buffer(record_dir, "grads", (steps, m, d))
+        deltas = _trajectory_buffer(record_dir, "deltas", (steps, m, d))
+        losses = _trajectory_buffer(record_dir, "losses", (steps, m))
     sign = -1.0 if targeted else 1.0
     for t in range(steps):
         xa.requires_grad_(True)
@@ -159,7 +176,8 @@ class Attack:
         return f"{type(self).__name__}({args})"
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, record: bool | torch.Tensor = False,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, Trajectory | None]:
+                 generator: torch.Generator | None = None,
+                 record_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, Trajectory | None]:
         return pgd_trajectory(model, x, y, norm=self.norm, eps=self.eps, steps=self.steps,
                               step_size=self.step_size, random_start=self.random_start, record=record,
-                              generator=generator)
+                              generator=generator, record_dir=record_dir)
