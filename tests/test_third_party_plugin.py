@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,10 @@ EXAMPLE = REPO / "examples" / "uapx-median"
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory) -> Path:
     site = tmp_path_factory.mktemp("site")
+    src = tmp_path_factory.mktemp("src") / "uapx-median"
+    shutil.copytree(EXAMPLE, src)  # build outside the repository: setuptools writes build/ beside it
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(EXAMPLE)], check=True)
+                    "--no-index", "--target", str(site), str(src)], check=True)
     assert (site / "uapx_median-0.1.0.dist-info" / "entry_points.txt").is_file()
     return site
 

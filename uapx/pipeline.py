@@ -317,7 +317,7 @@ def _run_plugin(name: str, fn):
         raise
     except Exception as exc:
         raise UapxError(f"plugin {name!r} failed: {type(exc).__name__}: {exc}",
-                        f"run without it (--plugins) or report the bug to its authors",
+                        "run without it (--plugins) or report the bug to its authors",
                         exit_code=EXIT_PLUGIN) from exc
 
 

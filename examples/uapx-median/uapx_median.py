@@ -1,6 +1,4 @@
 """uapx-median: the coordinate-wise median of the per-image perturbations, as a UAP method."""
-import torch
-
 import uapx
 from uapx.methods import Direction, UAPMethod
 
