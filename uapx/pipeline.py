@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import __version__, data, info, models
+from . import data, info, models, plots
 from .attacks import Trajectory, check_budget
 from .errors import EXIT_PLUGIN, UapxError
 from .evaluate import UAPEvaluation, evaluate_many, random_baseline
@@ -222,7 +222,7 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     reg = registry or get_registry()
     c = config.resolved()
     components = reg.check_names(c.plugins)  # before any work
-    reg.get(c.attack, "attack")
+    reg.get(c.attack, "attack")  # unknown names fail before any work
     out = check_output_folder(c.out, overwrite=c.overwrite)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -275,8 +275,6 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
         timing[f"diagnostic:{comp.name}"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - t0
 
-    from . import plots
-
     norms = deltas.norm(dim=1)
     attack_fig = {
         "n_images": len(images), "clean_accuracy": float((clean_pred == y).double().mean()),
@@ -286,7 +284,7 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     }
     report.data.update({
         "config": asdict(c),
-        "environment": {**info.collect(reg), "uapx": __version__},
+        "environment": info.collect(reg),
         "model": card,
         "data": {"dataset": images.name, "split": images.split, "source": images.source,
                  "n_images": len(images), "shape": list(images.shape)},
