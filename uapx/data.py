@@ -68,6 +68,11 @@ class ImageSet:
         x = self.x if idx is None else self.x[idx]
         return x.float().div_(255.0)
 
+    def take(self, rows: slice) -> "ImageSet":
+        """The images at positions ``rows`` (e.g. this rank's shard), keeping their indices."""
+        idx = self.indices[rows] if self.indices is not None else torch.arange(len(self))[rows]
+        return ImageSet(self.x[rows], self.y[rows], self.classes, self.name, self.split, self.source, idx)
+
     def subset(self, n: int | None, *, seed: int = 0) -> "ImageSet":
         """A seeded random subset of ``n`` images (all of them, in order, when ``n`` is None)."""
         if n is None or n == len(self):

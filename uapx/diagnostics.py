@@ -37,13 +37,15 @@ class Diagnostic:
 
     Class attributes declare what a diagnostic needs: ``needs_model`` (gradients or predictions
     of the model), ``needs_trajectories`` (recorded PGD trajectories, computed once by the
-    pipeline and shared).
+    pipeline and shared), ``supports_distributed`` (gives the single-process answer when each
+    torchrun rank holds a shard of the perturbations, e.g. through :func:`uapx.linalg.gram`).
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     needs_model: ClassVar[bool] = True
     needs_trajectories: ClassVar[bool] = False
+    supports_distributed: ClassVar[bool] = False  # correct when each rank holds a shard (torchrun)
 
     def __init__(self, **settings: Any) -> None:
         self.settings = dict(settings)

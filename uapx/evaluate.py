@@ -12,13 +12,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from . import distributed
 from .methods import UAP
 
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500, device: str = "cpu",
             v: torch.Tensor | None = None) -> torch.Tensor:
-    """Predictions ``(N,)`` for images ``x`` ``(N, C, H, W)``, perturbed by ``clamp(x + v, 0, 1)``."""
+    """Predictions ``(N,)`` for images ``x`` ``(N, C, H, W)``, perturbed by ``clamp(x + v, 0, 1)``.
+
+    Under torch.distributed ``x`` is this rank's shard and the predictions of every rank's
+    shard are returned, in rank order (N integers travel, never the images).
+    """
     out = []
     vd = None if v is None else v.to(device)
     for s in range(0, x.shape[0], batch_size):
@@ -26,7 +31,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500, device:
         if vd is not None:
             xb = (xb + vd).clamp_(0.0, 1.0)
         out.append(model(xb).argmax(1).cpu())
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+    return distributed.all_gather_rows(torch.cat(out) if out else torch.empty(0, dtype=torch.long))
 
 
 @dataclass

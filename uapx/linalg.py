@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import UapxError
 
 ChunksFn = Callable[[], Iterable[torch.Tensor]]
@@ -42,7 +43,8 @@ class TopSVD:
 
 
 def gram(chunks: Iterable[torch.Tensor], d: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One pass over row blocks: ``(A^T A (d, d) float64, row sum (d,) float64, N)``."""
+    """One pass over row blocks: ``(A^T A (d, d) float64, row sum (d,) float64, N)``; under
+    torch.distributed, summed over every rank's rows (the d x d matrix is what travels)."""
     g = torch.zeros(d, d, dtype=torch.float64)
     s = torch.zeros(d, dtype=torch.float64)
     n = 0
@@ -51,7 +53,24 @@ def gram(chunks: Iterable[torch.Tensor], d: int) -> tuple[torch.Tensor, torch.Te
         g.addmm_(b.T, b)
         s += b.sum(0)
         n += b.shape[0]
-    return g, s, n
+    distributed.all_reduce_(g)
+    distributed.all_reduce_(s)
+    return g, s, int(distributed.all_reduce_scalar(n))
+
+
+def column_sum(chunks: Iterable[torch.Tensor], d: int, *, normalize_rows: bool = False) -> tuple[torch.Tensor, int]:
+    """One pass: the sum of the rows ``(d,)`` float64 (of the unit-normalised rows with
+    ``normalize_rows``) and their number, summed over ranks under torch.distributed."""
+    total = torch.zeros(d, dtype=torch.float64)
+    n = 0
+    for block in chunks:
+        b = block.reshape(block.shape[0], -1).to(torch.float64)
+        if normalize_rows:
+            b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        total += b.sum(0)
+        n += b.shape[0]
+    distributed.all_reduce_(total)
+    return total, int(distributed.all_reduce_scalar(n))
 
 
 def top_svd_gram(chunks: Iterable[torch.Tensor], d: int, k: int, *, center: bool = False) -> TopSVD:
@@ -70,6 +89,9 @@ def top_svd_gram(chunks: Iterable[torch.Tensor], d: int, k: int, *, center: bool
 
 def top_svd_lapack(matrix: torch.Tensor, k: int, *, center: bool = False) -> TopSVD:
     """Exact top-``k`` SVD of an in-memory ``(N, d)`` matrix with LAPACK (float64)."""
+    if distributed.active():
+        raise UapxError("the LAPACK solver needs the whole matrix on one process",
+                        "use the Gram solver (the default) under torchrun")
     a = matrix.to(torch.float64)
     mean = a.mean(0) if center else torch.zeros(a.shape[1], dtype=torch.float64)
     a = a - mean
@@ -143,6 +165,19 @@ def _orth(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(m, mode="reduced").Q
 
 
+def _orth_rows(m: torch.Tensor) -> torch.Tensor:
+    """:func:`_orth` for an ``(n, c)`` matrix whose rows may be spread over ranks: Householder QR
+    on one process; CholeskyQR2 (two rounds of ``m R^-1`` with ``R^T R = m^T m``, the ``c x c``
+    Gram matrix all-reduced) under torch.distributed."""
+    if not distributed.active():
+        return _orth(m)
+    for _ in range(2):
+        g = distributed.all_reduce_(m.T @ m)
+        r = torch.linalg.cholesky(g + 1e-300 * torch.eye(g.shape[0], dtype=g.dtype), upper=True)
+        m = torch.linalg.solve_triangular(r, m, upper=True, left=False)
+    return m
+
+
 def _a_times(chunks: Iterable[torch.Tensor], n: int, d: int, z: torch.Tensor) -> torch.Tensor:
     """One pass: ``A @ z`` ``(n, l)`` float64, for ``z`` ``(d, l)``."""
     out = torch.empty(n, z.shape[1], dtype=torch.float64)
@@ -156,7 +191,7 @@ def _at_times(chunks: Iterable[torch.Tensor], n: int, d: int, q: torch.Tensor) -
     out = torch.zeros(q.shape[1], d, dtype=torch.float64)
     for rows, b in _blocks(chunks, n, d):
         out += q[rows].T.to(b.dtype) @ b  # (l, d): twice as fast as b.T @ q on row-major blocks
-    return out.T
+    return distributed.all_reduce_(out).T
 
 
 @dataclass
@@ -176,11 +211,13 @@ class _FirstPass:
     sq_norm: float
     w: torch.Tensor | None = None
     psi_sum: torch.Tensor | None = None
+    n_total: int | None = None  # rows over all ranks (None: y's rows)
 
     @property
     def total_energy(self) -> float:
         """``||A - 1 mean^T||_F^2 = ||A||_F^2 - N ||mean||^2``."""
-        return max(self.sq_norm - self.y.shape[0] * float(self.mean @ self.mean), 0.0)
+        n = self.y.shape[0] if self.n_total is None else self.n_total
+        return max(self.sq_norm - n * float(self.mean @ self.mean), 0.0)
 
 
 def _first_pass(chunks: Iterable[torch.Tensor], n: int, d: int, omega: torch.Tensor, *, center: bool,
@@ -202,6 +239,10 @@ def _first_pass(chunks: Iterable[torch.Tensor], n: int, d: int, omega: torch.Ten
             w += p.T.to(b.dtype) @ b
             if center:
                 psi_sum += p.sum(0)
+    if distributed.active():  # the mean and the energy are over every rank's rows
+        n_total = int(distributed.all_reduce_scalar(n))
+        distributed.all_reduce_(row_sum)
+        return _FirstPass(y, row_sum / n_total, distributed.all_reduce_scalar(sq_norm), w, psi_sum, n_total)
     return _FirstPass(y, row_sum / n, sq_norm, w, psi_sum)
 
 
@@ -263,19 +304,24 @@ def randomized_svd(chunks_fn: ChunksFn, n: int, d: int, k: int, *, oversample: i
     Returns:
         :class:`TopSVD`: ``S`` ``(k,)``, ``V`` ``(k, d)``, ``mean`` ``(d,)``, ``total_energy``.
     """
-    _check_sizes(n, d, k, oversample=oversample, power_iters=power_iters)
-    l = min(k + oversample, n, d)
+    n_all = int(distributed.all_reduce_scalar(n))  # under torchrun, n is this rank's rows
+    _check_sizes(n_all, d, k, oversample=oversample, power_iters=power_iters)
+    l = min(k + oversample, n_all, d)
     omega = torch.randn(d, l, generator=_generator(seed, 0), dtype=torch.float64)
     first = _first_pass(chunks_fn(), n, d, omega, center=center)
     mu = first.mean
-    q = _orth(first.y - (mu @ omega))  # (A - 1 mu^T) Omega
+
+    def q_sum(q: torch.Tensor) -> torch.Tensor:  # 1^T Q over every rank's rows
+        return distributed.all_reduce_(q.sum(0))
+
+    q = _orth_rows(first.y - (mu @ omega))  # (A - 1 mu^T) Omega
     for _ in range(power_iters):
-        z = _orth(_at_times(chunks_fn(), n, d, q) - torch.outer(mu, q.sum(0)))
-        q = _orth(_a_times(chunks_fn(), n, d, z) - (mu @ z))
-    bt = _at_times(chunks_fn(), n, d, q) - torch.outer(mu, q.sum(0))  # B^T = (Q^T (A - 1 mu^T))^T  (d, l)
+        z = _orth(_at_times(chunks_fn(), n, d, q) - torch.outer(mu, q_sum(q)))
+        q = _orth_rows(_a_times(chunks_fn(), n, d, z) - (mu @ z))
+    bt = _at_times(chunks_fn(), n, d, q) - torch.outer(mu, q_sum(q))  # B^T = (Q^T (A - 1 mu^T))^T  (d, l)
     _, S, Vh = torch.linalg.svd(bt.T, full_matrices=False)
     k = min(k, l)
-    return TopSVD(S[:k].float(), Vh[:k].float().contiguous(), n, mu.float(), first.total_energy)
+    return TopSVD(S[:k].float(), Vh[:k].float().contiguous(), n_all, mu.float(), first.total_energy)
 
 
 # -- single-pass sketch -------------------------------------------------------------------------
@@ -353,6 +399,9 @@ def single_pass_sketch(chunks: Iterable[torch.Tensor], n: int, d: int, *, range_
     Returns:
         :class:`SinglePassSketch` with ``Q`` ``(n, r)`` and ``X`` ``(r, d)``.
     """
+    if distributed.active():
+        raise UapxError("the single-pass sketch does not run under torchrun yet",
+                        "use the multi-pass randomized SVD (rsvd without single_pass) or one process")
     _check_sizes(n, d, 1, range_dim=range_dim, corange_dim=corange_dim)
     r = min(range_dim, n, d)
     if r < 1 or corange_dim < r:

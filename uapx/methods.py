@@ -97,6 +97,7 @@ class UAPMethod:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     needs_model: ClassVar[bool] = False
+    supports_distributed: ClassVar[bool] = False  # reduces across torchrun ranks (uapx.linalg helpers)
 
     def __init__(self, *, per_class: bool = True, **settings) -> None:
         self.per_class = per_class

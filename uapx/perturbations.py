@@ -81,7 +81,15 @@ class PerturbationSet:
 
     @property
     def classes(self) -> list[int]:
-        return sorted(int(c) for c in self.labels.unique())
+        """The labels present (under torch.distributed: on any rank, the same list on every rank)."""
+        from . import distributed
+
+        if not distributed.active():
+            return sorted(int(c) for c in self.labels.unique())
+        top = int(distributed.all_reduce_scalar(float(self.labels.max()) if len(self) else -1.0, "max"))
+        present = torch.zeros(top + 1, dtype=torch.float64)
+        present[self.labels.unique()] = 1.0
+        return [int(c) for c in distributed.all_reduce_(present).nonzero().flatten()]
 
     def chunks(self, size: int = 4096) -> Iterator[torch.Tensor]:
         """Yield ``(n_i, d)`` float32 row blocks in order (at most ``size`` rows each)."""

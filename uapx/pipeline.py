@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import data, info, models, plots
+from . import data, distributed, info, models, plots
 from .attacks import Trajectory, check_budget
 from .errors import EXIT_PLUGIN, UapxError
 from .evaluate import UAPEvaluation, evaluate_many, random_baseline
@@ -93,6 +93,7 @@ class Analysis:
     attack: Any
     uaps: list[UAP] = field(default_factory=list)
     evaluations: dict[str, UAPEvaluation] = field(default_factory=dict)
+    n_images: int = 0  # over every rank under torchrun (x holds this rank's shard)
     _trajectory: tuple[torch.Tensor, Trajectory] | None = None
 
     @property
@@ -223,18 +224,27 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     c = config.resolved()
     components = reg.check_names(c.plugins)  # before any work
     reg.get(c.attack, "attack")  # unknown names fail before any work
+    if distributed.init_from_env(c.device):
+        unsupported = [comp.name for comp in components if not getattr(comp.cls, "supports_distributed", False)]
+        if unsupported:
+            raise UapxError(f"plugin(s) {', '.join(unsupported)} cannot run on sharded data under torchrun yet",
+                            "run them in one process, or use only: " + ", ".join(
+                                sorted(k.name for k in reg.components.values()
+                                       if getattr(k.cls, "supports_distributed", False))))
     out = check_output_folder(c.out, overwrite=c.overwrite)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     s = setup(c, reg)
-    images, model, card, attack = s.images, s.model, s.card, s.attack
+    model, card, attack = s.model, s.card, s.attack
+    images = s.images.take(distributed.shard(len(s.images)))  # all of them in one process
     timing["load"] = time.perf_counter() - t0
     t = time.perf_counter()
     pset = perturb(model, images, attack, batch_size=c.batch_size, device=c.device, meta=s.meta)
     timing["attack"] = time.perf_counter() - t
-    x, y, clean_pred, adv_pred = images.images(), images.y, pset.clean_pred, pset.adv_pred
-    deltas = pset.matrix()
-    analysis = Analysis(c, model, card, images, x, y, clean_pred, pset, attack)
+    x, y = images.images(), images.y
+    # predictions and labels of every rank's shard (N integers each), for the evaluation
+    y_all, clean_pred, adv_pred = (distributed.all_gather_rows(t) for t in (y, pset.clean_pred, pset.adv_pred))
+    analysis = Analysis(c, model, card, images, x, y, pset.clean_pred, pset, attack, n_images=len(y_all))
 
     t = time.perf_counter()
     methods = [comp for comp in components if comp.kind == "method"]
@@ -242,18 +252,18 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     for comp in methods:
         method = _instantiate(comp.cls, {"k": c.k, **c.plugin_settings.get(comp.name, {})})
         analysis.uaps += _run_plugin(comp.name, lambda: method(pset, c.eps, data=method_data))
-    evals, extra = evaluate_many(model, x, y, analysis.uaps, num_classes=analysis.num_classes,
+    evals, extra = evaluate_many(model, x, y_all, analysis.uaps, num_classes=analysis.num_classes,
                                  draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device,
                                  clean_pred=clean_pred)
     analysis.evaluations.update(evals)
     baseline = extra["random_baseline"].get(f"{c.eps:g}") or random_baseline(
-        model, x, y, c.eps, clean_pred=clean_pred, num_classes=analysis.num_classes, draws=c.random_draws,
+        model, x, y_all, c.eps, clean_pred=clean_pred, num_classes=analysis.num_classes, draws=c.random_draws,
         seed=c.seed, batch_size=c.batch_size, device=c.device)
     transfer = {}
     global_uaps = [u for u in analysis.uaps if u.source_class is None]
     for spec in c.transfer:
         other = models.load(spec, device=c.device)
-        t_evals, t_extra = evaluate_many(other, x, y, global_uaps, num_classes=analysis.num_classes,
+        t_evals, t_extra = evaluate_many(other, x, y_all, global_uaps, num_classes=analysis.num_classes,
                                          draws=c.random_draws, seed=c.seed, batch_size=c.batch_size,
                                          device=c.device)
         transfer[spec] = {**t_extra, "evaluations": {k: v.to_dict() for k, v in t_evals.items()}}
@@ -275,19 +285,22 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
         timing[f"diagnostic:{comp.name}"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - t0
 
-    norms = deltas.norm(dim=1)
+    norms = torch.cat([b.norm(dim=1) for b in pset.chunks()])
     attack_fig = {
-        "n_images": len(images), "clean_accuracy": float((clean_pred == y).double().mean()),
-        "adversarial_accuracy": float((adv_pred == y).double().mean()),
+        "n_images": len(y_all), "clean_accuracy": float((clean_pred == y_all).double().mean()),
+        "adversarial_accuracy": float((adv_pred == y_all).double().mean()),
         "attack_success_rate": float((adv_pred != clean_pred).double().mean()),
-        "perturbation_norm": {"mean": float(norms.mean()), "min": float(norms.min()), "max": float(norms.max())},
+        "perturbation_norm": {"mean": distributed.all_reduce_scalar(float(norms.sum())) / len(y_all),
+                              "min": distributed.all_reduce_scalar(float(norms.min()), "min"),
+                              "max": distributed.all_reduce_scalar(float(norms.max()), "max")},
     }
     report.data.update({
         "config": asdict(c),
         "environment": info.collect(reg),
         "model": card,
         "data": {"dataset": images.name, "split": images.split, "source": images.source,
-                 "n_images": len(images), "shape": list(images.shape)},
+                 "n_images": len(y_all), "shape": list(images.shape),
+                 **({"ranks": distributed.world_size()} if distributed.active() else {})},
         "attack": {"plugin": repr(attack), **attack_fig},
         "uaps": {
             "random_baseline": baseline,
@@ -300,10 +313,12 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     report.summaries["uaps"] = plots.uap_summary(analysis, baseline)
     plots.add_uap_plots(report, analysis, baseline)
     report.tables["uaps"] = plots.comparison_table(analysis, baseline)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_uaps(Path(tmp) / "uaps.pt", analysis.uaps)
-        report.extra_files["uaps.pt"] = (Path(tmp) / "uaps.pt").read_bytes()
-    report.write(out)
+    if distributed.is_main():
+        with tempfile.TemporaryDirectory() as tmp:
+            save_uaps(Path(tmp) / "uaps.pt", analysis.uaps)
+            report.extra_files["uaps.pt"] = (Path(tmp) / "uaps.pt").read_bytes()
+        report.write(out)
+    distributed.barrier()
     return AnalyzeResult(out, report.data, analysis)
 
 

@@ -78,7 +78,7 @@ def uap_summary(analysis: "Analysis", baseline: dict) -> str:
     best = max(glob, key=lambda u: analysis.evaluations[u.name].best.fooling_rate)
     fr = analysis.evaluations[best.name].best.fooling_rate
     rb = baseline["fooling_rate"]
-    return (f"Best global UAP: {best.name} fools {fr:.1%} of {analysis.x.shape[0]} images at L2 norm "
+    return (f"Best global UAP: {best.name} fools {fr:.1%} of {analysis.n_images} images at L2 norm "
             f"{analysis.config.eps:g}; random directions of that norm fool {rb['mean']:.1%} "
             f"(sd {rb['std']:.1%}, {baseline['draws']} draws).")
 

@@ -1,9 +1,8 @@
 """Built-in UAP method ``average``: the mean per-image perturbation, scaled to eps."""
 from __future__ import annotations
 
-import torch
-
 import uapx
+from uapx.linalg import column_sum
 from uapx.methods import Direction, UAPMethod
 
 
@@ -11,6 +10,7 @@ class AverageUAP(UAPMethod):
     """The mean of the perturbation rows (of the unit-normalised rows with ``normalize=True``)."""
 
     name = "average"
+    supports_distributed = True
     description = "mean of the per-image perturbations (optionally of normalised ones), scaled to eps"
 
     def __init__(self, *, normalize: bool = False, per_class: bool = True) -> None:
@@ -18,13 +18,8 @@ class AverageUAP(UAPMethod):
         self.normalize = normalize
 
     def directions(self, pset):
-        total = torch.zeros(pset.d, dtype=torch.float64)
-        for block in pset.chunks():
-            b = block.to(torch.float64)
-            if self.normalize:
-                b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            total += b.sum(0)
-        return [Direction(total / max(len(pset), 1))]
+        total, n = column_sum(pset.chunks(), pset.d, normalize_rows=self.normalize)
+        return [Direction(total / max(n, 1))]
 
 
 @uapx.hookimpl

@@ -25,6 +25,7 @@ class RandomizedSVDUAP(UAPMethod):
     """
 
     name = "rsvd"
+    supports_distributed = True
     description = "top-k right singular vectors by randomized SVD, streamed (optionally one pass; both signs evaluated)"
 
     def __init__(self, *, k: int = 5, oversample: int = 10, power_iters: int = 2, center: bool = False,

@@ -37,6 +37,7 @@ class SpectrumDiagnostic(Diagnostic):
     """Singular-value spectrum of the perturbation matrix, global and per class."""
 
     name = "spectrum"
+    supports_distributed = True
     description = "singular values of the perturbation matrix: decay, sigma1/sigma2, effective rank"
     needs_model = False
 
@@ -49,7 +50,7 @@ class SpectrumDiagnostic(Diagnostic):
         figs = spectrum_figures(res.S, res.total_energy, fraction=self.fraction)
         figs["singular_values"] = figs["singular_values"][: self.top]
         figs["explained_variance"] = figs["explained_variance"][: self.top]
-        figs["n"] = len(pset)
+        figs["n"] = res.n  # over every rank under torchrun
         return figs
 
     def run(self, analysis):

@@ -15,6 +15,7 @@ class SVDUAP(UAPMethod):
     """
 
     name = "svd"
+    supports_distributed = True
     description = "top-k right singular vectors of the perturbation matrix (exact; both signs evaluated)"
 
     def __init__(self, *, k: int = 5, center: bool = False, solver: str = "gram", per_class: bool = True) -> None:
