@@ -73,3 +73,23 @@ def test_plugins_that_need_the_whole_set_are_refused_up_front(tmp_path):
     assert "uapx: error: plugin(s) trajectory cannot run on sharded data under torchrun yet" in res.stderr
     # torchrun reports the failed worker with its own traceback; none comes from uapx's code
     assert not re.search(r'File ".*/(uapx|uapx_plugins)/', res.stderr) and not (tmp_path / "r").exists()
+
+
+def test_attack_with_two_ranks_writes_the_set_one_process_writes(tmp_path):
+    from uapx.perturbations import PerturbationSet
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["attack", "--n-samples", "90", "--steps", "2", "--batch-size", "20", "--chunk-size", "25"]
+    for out, launcher in (("one", [sys.executable, "-m", "uapx"]),
+                          ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc_per_node=2", "-m", "uapx"])):
+        res = subprocess.run([*launcher, *args, "--out", out], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    one = PerturbationSet.load(tmp_path / "one", in_memory=True)
+    two = PerturbationSet.load(tmp_path / "two", in_memory=True)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["manifest.json", "rank-00000", "rank-00001"]
+    assert torch.equal(one.indices, two.indices) and torch.equal(one.labels, two.labels)
+    torch.testing.assert_close(two.deltas, one.deltas, rtol=0, atol=1e-5)
+    streamed = PerturbationSet.load(tmp_path / "two")
+    torch.testing.assert_close(torch.cat(list(streamed.chunks(7))), two.deltas, rtol=0, atol=0)

@@ -10,6 +10,9 @@ On disk a set is a folder (format ``uapx-perturbations``, version 1)::
     manifest.json        metadata, the list of complete chunks, "complete": true at the end
     chunk-00000.pt ...   {"deltas": (n_i, d) float32, "labels", "clean_pred", "adv_pred", "indices"}
 
+A set written by several torchrun ranks holds one such folder per rank, ``rank-00000/`` ...,
+and a top ``manifest.json`` listing them as ``"parts"`` in row order.
+
 Chunks and the manifest are written atomically (temporary name, then rename), and the manifest
 lists a chunk only once it is on disk, so a run killed midway resumes where it stopped and
 nothing half-written is ever read as complete.
@@ -148,7 +151,8 @@ class PerturbationSet:
         if not man.get("complete"):
             raise UapxError(f"perturbation set {str(folder)!r} is incomplete ({len(man['chunks'])} chunks written)",
                             "run the same 'uapx attack' command again to finish it")
-        files = [folder / c["file"] for c in man["chunks"]]
+        files = [folder / part / c["file"] for part in man.get("parts", ["."])
+                 for c in (man["chunks"] if part == "." else read_manifest(folder / part)["chunks"])]
         cols: dict[str, list[torch.Tensor]] = {k: [] for k in _COLUMNS}
         deltas = []
         for f in files:
@@ -247,3 +251,15 @@ class PerturbationWriter:
     def finish(self) -> None:
         self.manifest["complete"] = True
         atomic.write_json(self.folder / "manifest.json", self.manifest)
+
+
+def write_parts_manifest(folder: str | os.PathLike, parts: list[str], metadata: dict) -> None:
+    """The top manifest of a set written in parts (one complete set folder per torchrun rank)."""
+    folder = Path(folder)
+    mans = [read_manifest(folder / part) for part in parts]
+    if any(m is None or not m.get("complete") for m in mans):
+        raise UapxError(f"not every part of {str(folder)!r} is complete", "run the same command again")
+    meta = json.loads(json.dumps(metadata, default=atomic._json_default))
+    atomic.write_json(folder / "manifest.json", {
+        "format": FORMAT, "version": VERSION, **meta, "d": mans[0]["d"], "n": sum(m["n"] for m in mans),
+        "chunks": [c for m in mans for c in m["chunks"]], "parts": parts, "complete": True})

@@ -22,7 +22,7 @@ from .attacks import Trajectory, check_budget
 from .errors import EXIT_PLUGIN, UapxError
 from .evaluate import UAPEvaluation, evaluate_many, random_baseline
 from .methods import UAP, MethodData, save_uaps
-from .perturbations import PerturbationSet, PerturbationWriter
+from .perturbations import PerturbationSet, PerturbationWriter, write_parts_manifest
 from .registry import Registry, get_registry
 from .report import Report, check_output_folder
 
@@ -208,14 +208,30 @@ def attack_dataset(config: AnalyzeConfig, *, chunk_size: int = 4096, registry: R
     """``uapx attack``: perturb a data set and write the set folder ``config.out`` (resumable)."""
     reg = registry or get_registry()
     c = config.resolved()
+    ranks = world = 1
+    if distributed.init_from_env(c.device):
+        ranks, world = distributed.rank(), distributed.world_size()
     s = setup(c, reg)
     data_meta = {"dataset": c.dataset, "split": c.split, "n_samples": len(s.images), "seed": c.seed,
                  "chunk_size": chunk_size}
-    writer = PerturbationWriter(c.out, {**s.meta, "shape": list(s.meta["shape"]), "data": data_meta})
-    if writer.complete:
-        return PerturbationSet.load(c.out)
-    return perturb(s.model, s.images, s.attack, batch_size=c.batch_size, device=c.device, meta=s.meta,
-                   writer=writer, chunk_size=chunk_size)
+    meta = {**s.meta, "shape": list(s.meta["shape"]), "data": data_meta}
+    if world == 1:
+        writer = PerturbationWriter(c.out, meta)
+        if writer.complete:
+            return PerturbationSet.load(c.out)
+        return perturb(s.model, s.images, s.attack, batch_size=c.batch_size, device=c.device, meta=s.meta,
+                       writer=writer, chunk_size=chunk_size)
+    # torchrun: each rank writes its shard as a complete set of its own; rank 0 lists the parts
+    parts = [f"rank-{r:05d}" for r in range(world)]
+    writer = PerturbationWriter(Path(c.out) / parts[ranks], {**meta, "part": [ranks, world]})
+    if not writer.complete:
+        perturb(s.model, s.images.take(distributed.shard(len(s.images))), s.attack, batch_size=c.batch_size,
+                device=c.device, meta=s.meta, writer=writer, chunk_size=chunk_size)
+    distributed.barrier()
+    if distributed.is_main():
+        write_parts_manifest(c.out, parts, meta)
+    distributed.barrier()
+    return PerturbationSet.load(c.out)
 
 
 def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> AnalyzeResult:
