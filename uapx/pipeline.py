@@ -370,11 +370,13 @@ def apply_uaps(path: str, *, model: str, dataset: str = "mnist", data_root: str 
         raise UapxError(f"the UAPs have shape {tuple(uaps[0].vector.shape)} but {dataset} images are "
                         f"{tuple(images.shape)}", "apply them to a data set of the same image shape")
     net = models.load(model, device=device, arch=arch)
-    x, y = images.images(), images.y
-    evals, extra = evaluate_many(net, x, y, uaps, num_classes=len(images.classes), draws=draws, seed=seed,
-                                 batch_size=batch_size, device=device)
+    distributed.init_from_env(device)
+    shard = images.take(distributed.shard(len(images)))  # all of them in one process
+    y_all = distributed.all_gather_rows(shard.y)  # predict() gathers every rank's predictions
+    evals, extra = evaluate_many(net, shard.images(), y_all, uaps, num_classes=len(images.classes), draws=draws,
+                                 seed=seed, batch_size=batch_size, device=device)
     res = {"uaps": str(path), "model": model, "dataset": dataset, "split": split, "n_images": len(images),
            **extra, "evaluations": {k: v.to_dict() for k, v in evals.items()}}
-    if out:
+    if out and distributed.is_main():
         atomic.write_json(out, res)
     return res
