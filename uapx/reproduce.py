@@ -249,8 +249,9 @@ def _comparison_plots(report: Report, runs: dict[str, dict | None], parts: Path)
     done = {m: r for m, r in runs.items() if r}
     if not done:
         return
-    fig, axes = plt.subplots(1, len(STUDY), figsize=(5 * len(STUDY), 3.4), squeeze=False)
-    for ax, (ds, (nat, adv, eps)) in zip(axes[0], STUDY.items()):
+    studied = {ds: v for ds, v in STUDY.items() if v[0] in done or v[1] in done}
+    fig, axes = plt.subplots(1, len(studied), figsize=(5 * len(studied), 3.4), squeeze=False)
+    for ax, (ds, (nat, adv, eps)) in zip(axes[0], studied.items()):
         for model, style in ((nat, "o-"), (adv, "s--")):
             sv = _get(done.get(model), "diagnostics", "spectrum", "global", "singular_values")
             if sv:
