@@ -66,7 +66,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -74,7 +74,8 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for tensors, NumPy values and paths."""
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if hasattr(obj, "tolist"):  # numpy

@@ -155,12 +155,21 @@ class UAPMethod:
         return out
 
 
+def uaps_to_bytes(uaps: Sequence[UAP]) -> bytes:
+    """UAPs (tensors plus metadata) serialised as the content of a ``uaps.pt`` file."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"format": "uapx-uaps", "version": 1,
+                "uaps": [{k: getattr(u, k) for k in UAP.__dataclass_fields__} for u in uaps]}, buf)
+    return buf.getvalue()
+
+
 def save_uaps(path, uaps: Sequence[UAP]) -> None:
     """Write UAPs (tensors plus metadata) to one file, atomically."""
     from . import atomic
 
-    atomic.torch_save({"format": "uapx-uaps", "version": 1,
-                       "uaps": [{**{k: getattr(u, k) for k in UAP.__dataclass_fields__}} for u in uaps]}, path)
+    atomic.write_bytes(path, uaps_to_bytes(uaps))
 
 
 def load_uaps(path) -> list[UAP]:

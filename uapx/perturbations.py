@@ -210,7 +210,7 @@ class PerturbationWriter:
 
     def __init__(self, folder: str | os.PathLike, metadata: dict) -> None:
         self.folder = Path(folder)
-        self.metadata = json.loads(json.dumps(metadata, default=atomic._json_default))
+        self.metadata = json.loads(json.dumps(metadata, default=atomic.json_default))
         existing = read_manifest(self.folder)
         if existing is not None:
             old = {k: existing.get(k) for k in self.metadata}
@@ -259,7 +259,7 @@ def write_parts_manifest(folder: str | os.PathLike, parts: list[str], metadata: 
     mans = [read_manifest(folder / part) for part in parts]
     if any(m is None or not m.get("complete") for m in mans):
         raise UapxError(f"not every part of {str(folder)!r} is complete", "run the same command again")
-    meta = json.loads(json.dumps(metadata, default=atomic._json_default))
+    meta = json.loads(json.dumps(metadata, default=atomic.json_default))
     atomic.write_json(folder / "manifest.json", {
         "format": FORMAT, "version": VERSION, **meta, "d": mans[0]["d"], "n": sum(m["n"] for m in mans),
         "chunks": [c for m in mans for c in m["chunks"]], "parts": parts, "complete": True})

@@ -7,7 +7,6 @@ reuse one attack run.  Plugins are found through the registry only.
 from __future__ import annotations
 
 import inspect
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from . import data, distributed, info, models, plots
 from .attacks import Trajectory, check_budget
 from .errors import EXIT_PLUGIN, UapxError
 from .evaluate import UAPEvaluation, evaluate_many, random_baseline
-from .methods import UAP, MethodData, save_uaps
+from .methods import UAP, MethodData, uaps_to_bytes
 from .perturbations import PerturbationSet, PerturbationWriter, write_parts_manifest
 from .registry import Registry, get_registry
 from .report import Report, check_output_folder
@@ -330,9 +329,7 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     plots.add_uap_plots(report, analysis, baseline)
     report.tables["uaps"] = plots.comparison_table(analysis, baseline)
     if distributed.is_main():
-        with tempfile.TemporaryDirectory() as tmp:
-            save_uaps(Path(tmp) / "uaps.pt", analysis.uaps)
-            report.extra_files["uaps.pt"] = (Path(tmp) / "uaps.pt").read_bytes()
+        report.extra_files["uaps.pt"] = uaps_to_bytes(analysis.uaps)
         report.write(out)
     distributed.barrier()
     return AnalyzeResult(out, report.data, analysis)

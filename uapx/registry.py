@@ -58,8 +58,8 @@ class Component:
 
     @property
     def description(self) -> str:
-        return str(getattr(self.cls, "description", "")).strip().splitlines()[0] if getattr(
-            self.cls, "description", "") else ""
+        lines = str(getattr(self.cls, "description", "") or "").strip().splitlines()
+        return lines[0] if lines else ""
 
 
 class Registry:

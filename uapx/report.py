@@ -70,7 +70,7 @@ class Report:
             (folder / f"{p.name}.png").write_bytes(p.png)
         for name, blob in self.extra_files.items():
             (folder / name).write_bytes(blob)
-        (folder / "report.json").write_text(json.dumps(self.data, indent=2, default=atomic._json_default) + "\n")
+        (folder / "report.json").write_text(json.dumps(self.data, indent=2, default=atomic.json_default) + "\n")
         (folder / "index.html").write_text(self.html())
 
 
