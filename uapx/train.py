@@ -125,6 +125,9 @@ def train(config: TrainConfig) -> dict:
     test_set = data.load(c.dataset, "test", c.data_root)
     torch.manual_seed(c.seed)
     model = build(c.arch).to(c.device)
+    # channels-last convolutions are ~20% faster on CPUs for 3-channel images; same numbers otherwise
+    fmt = torch.channels_last if train_set.shape[0] == 3 else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     steps_per_epoch = math.ceil(len(train_set) / c.batch_size)
     opt, sched = _optimizer(c, model, c.epochs * steps_per_epoch)
     epoch, step, elapsed = 0, 0, 0.0
@@ -162,7 +165,7 @@ def train(config: TrainConfig) -> dict:
                 x = pgd(model, x, y, norm=c.adversarial, eps=c.eps, steps=c.attack_steps,
                         step_size=c.attack_step_size, random_start=True, generator=g)
                 model.train()
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
