@@ -1,9 +1,24 @@
 """Scale-out with torch.distributed: ranks, sharding, reductions.
 
 Under ``torchrun --nproc_per_node=N -m uapx analyze ...`` every rank attacks a contiguous shard of
-the images; the set-based reductions (the Gram matrix, column sums, randomized range sketches)
-are summed across ranks with all-reduce, so the N x d perturbation matrix is never gathered;
-predictions (N integers) are gathered for the evaluation; rank 0 writes the report.  Without
+the images (:func:`shard`; the global order is rank 0's shard, then rank 1's, ...).  Every
+built-in plugin reduces across ranks, so nothing of size N x d is gathered:
+
+- ``average``, ``svd``, ``rsvd``, ``spectrum``: column sums, the d x d Gram matrix, the
+  randomized SVD's d x l sketches and l x l Gram matrices are summed with all-reduce;
+- ``interpretability``: per-class sums and counts, and the images' d x d covariance (or, for
+  large d, the distributed randomized SVD);
+- ``landscape`` and ``trajectory``: each rank takes its part of the *global* first m images
+  (:func:`local_prefix`); loss sums and counts are all-reduced, the (m x steps) cosines of the
+  trajectories are gathered;
+- ``sgd-uap``: a distributed mini-batch (every rank takes its own images of each global batch,
+  drawn as in one process; the gradient is all-reduced): one process's steps up to rounding;
+- ``deepfool-uap``: iterate averaging (each rank runs a pass on its share of the sample, the
+  iterates are averaged and projected): a UAP of its own, not one process's.
+
+Every plugin but ``deepfool-uap`` gives the single-process answer up to float rounding.
+
+Predictions (N integers) are gathered for the evaluation; rank 0 writes the report.  Without
 torchrun every function here is a no-op for a single process.  gloo on the CPU, nccl on GPUs.
 """
 from __future__ import annotations
@@ -42,10 +57,38 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def shard(n: int) -> slice:
-    """This rank's contiguous share of ``range(n)`` (sizes differ by at most one)."""
-    r, w = rank(), world_size()
+_process_rank, _process_world = rank, world_size  # the parameters below shadow the names
+
+
+def shard(n: int, *, rank: int | None = None, world: int | None = None) -> slice:
+    """This rank's contiguous share of ``range(n)`` (sizes differ by at most one); ``rank`` and
+    ``world`` stand in for the process group's (to reason about another rank, or in tests)."""
+    r = _process_rank() if rank is None else rank
+    w = _process_world() if world is None else world
     return slice(r * n // w, (r + 1) * n // w)
+
+
+def local_prefix(m: int, n: int, *, rank: int | None = None, world: int | None = None) -> slice:
+    """The rows of this rank's shard that belong to the global first ``m`` rows, as a slice of the
+    shard (local positions).
+
+    ``n`` is the global row count, sharded by :func:`shard` (rank 0's rows first).  In one process
+    this is ``slice(0, min(m, n))``; a rank whose shard starts at or after row ``m`` gets an empty
+    slice.  Pure: no communication, so it may be called on some ranks only.
+    """
+    rows = shard(n, rank=rank, world=world)
+    m = max(int(m), 0)
+    return slice(0, max(0, min(m, rows.stop) - rows.start))
+
+
+def row_offset(n_local: int) -> tuple[int, int]:
+    """``(start, total)``: where this rank's ``n_local`` rows begin in the global order (rank 0's
+    rows first) and how many rows all ranks hold.  For row sets not cut by :func:`shard` (e.g. one
+    class's rows); a collective: every rank must call it.  ``(0, n_local)`` in one process."""
+    if not active():
+        return 0, int(n_local)
+    sizes = all_gather_rows(torch.tensor([int(n_local)], dtype=torch.long))
+    return int(sizes[:_process_rank()].sum()), int(sizes.sum())
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
@@ -76,6 +119,13 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``t`` on every rank with rank ``src``'s ``t`` (in place); returns ``t``."""
+    if active():
+        dist.broadcast(t, src)
+    return t
 
 
 def barrier() -> None:

@@ -101,12 +101,23 @@ class Analysis:
 
     def trajectories(self) -> Trajectory:
         """PGD trajectories of the first ``config.trajectory_samples`` images, recorded once and
-        shared by every diagnostic that asks (same attack settings as the main run)."""
+        shared by every diagnostic that asks (same attack settings as the main run).
+
+        Under torchrun each rank records its part of the *global* first ``trajectory_samples``
+        images (:func:`uapx.distributed.local_prefix`; possibly none), and ``index`` holds their
+        global positions (in one process, positions ``0 .. m-1`` of ``x``)."""
         if self._trajectory is None:
-            m = min(self.config.trajectory_samples, self.x.shape[0])
-            dev = self.config.device
-            _, traj = self.attack(self.model, self.x[:m].to(dev), self.y[:m].to(dev), record=True)
-            self._trajectory = (torch.arange(m), traj)
+            n = self.n_images or self.x.shape[0]
+            part = distributed.local_prefix(self.config.trajectory_samples, n)
+            if part.stop > 0:
+                dev = self.config.device
+                _, traj = self.attack(self.model, self.x[part].to(dev), self.y[part].to(dev), record=True)
+            else:  # this rank holds none of them
+                steps, d = int(self.attack.steps), int(torch.Size(self.x.shape[1:]).numel())
+                traj = Trajectory(torch.arange(0), torch.empty(steps, 0, d), torch.empty(steps, 0, d),
+                                  torch.empty(steps, 0))
+            traj.index = traj.index + distributed.shard(n).start  # global positions
+            self._trajectory = (traj.index, traj)
         return self._trajectory[1]
 
 
@@ -239,10 +250,11 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     c = config.resolved()
     components = reg.check_names(c.plugins)  # before any work
     reg.get(c.attack, "attack")  # unknown names fail before any work
-    if distributed.init_from_env(c.device):
+    if distributed.init_from_env(c.device):  # every built-in reduces across ranks; others must say they do
         unsupported = [comp.name for comp in components if not getattr(comp.cls, "supports_distributed", False)]
         if unsupported:
-            raise UapxError(f"plugin(s) {', '.join(unsupported)} cannot run on sharded data under torchrun yet",
+            raise UapxError(f"plugin(s) {', '.join(unsupported)} do not declare supports_distributed and cannot "
+                            "run on sharded data under torchrun",
                             "run them in one process, or use only: " + ", ".join(
                                 sorted(k.name for k in reg.components.values()
                                        if getattr(k.cls, "supports_distributed", False))))

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 import uapx
+from uapx import distributed
 from uapx.methods import Direction, UAPMethod
 
 
@@ -50,9 +51,19 @@ def deepfool(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 10, ove
 
 
 class DeepFoolUAP(UAPMethod):
-    """Universal perturbation by accumulating DeepFool steps (L2 ball of radius eps)."""
+    """Universal perturbation by accumulating DeepFool steps (L2 ball of radius eps).
+
+    The loop is sequential by nature.  Under torchrun it runs as a parallel, iterate-averaging
+    variant, so its UAP is not the single-process one: in each pass every rank runs the loop on its
+    share of the ``max_images`` sample (in proportion to its number of images, drawn from its own
+    images), starting from the shared ``v``; after the pass ``v`` becomes the mean of the ranks'
+    iterates (all-reduce), projected onto the eps-ball.  The fooling rate after each pass is over
+    every rank's images (all-reduced counts), so every rank stops after the same pass.  In one
+    process it is the sequential algorithm.
+    """
 
     name = "deepfool-uap"
+    supports_distributed = True
     description = "universal perturbation from accumulated DeepFool steps (Moosavi-Dezfooli et al. 2017), L2"
     needs_model = True
 
@@ -65,8 +76,13 @@ class DeepFoolUAP(UAPMethod):
 
     def directions(self, pset, *, data, eps):
         model, dev = data.model, data.device
-        g = torch.Generator().manual_seed(data.seed)
-        n = data.x.shape[0] if self.max_images is None else min(self.max_images, data.x.shape[0])
+        parallel = distributed.active()
+        # each rank draws its own images (rank 0 with the single-process seed)
+        g = torch.Generator().manual_seed(data.seed + 1_000_003 * distributed.rank())
+        start, n_all = distributed.row_offset(data.x.shape[0])
+        n_total = n_all if self.max_images is None else min(self.max_images, n_all)
+        # this rank's share of the sample, in proportion to its images (the shares add up to n_total)
+        n = (start + data.x.shape[0]) * n_total // max(n_all, 1) - start * n_total // max(n_all, 1)
         x = data.x.to(dev)
         v = torch.zeros(1, *x.shape[1:], device=dev)
         with torch.no_grad():
@@ -74,7 +90,8 @@ class DeepFoolUAP(UAPMethod):
         history = []
         for p in range(self.passes):
             order = torch.randperm(x.shape[0], generator=g)[:n]
-            for i in tqdm(order.tolist(), desc=f"deepfool-uap eps {eps:g} pass {p + 1}", leave=False, unit="img"):
+            for i in tqdm(order.tolist(), desc=f"deepfool-uap eps {eps:g} pass {p + 1}", leave=False, unit="img",
+                          disable=not distributed.is_main()):
                 xi = x[i:i + 1]
                 with torch.no_grad():
                     fooled = int(model((xi + v).clamp(0, 1)).argmax(1)) != int(clean[i])
@@ -83,9 +100,17 @@ class DeepFoolUAP(UAPMethod):
                 dv = deepfool(model, (xi + v).clamp(0, 1), max_iter=self.max_iter, overshoot=self.overshoot)
                 v = v + dv
                 v = v * min(1.0, eps / max(float(v.norm()), 1e-12))
+            if parallel:  # the mean of the ranks' iterates, back in the eps-ball, the same on every rank
+                v = distributed.all_reduce_(v.contiguous()) / distributed.world_size()
+                v = v * min(1.0, eps / max(float(v.norm()), 1e-12))
+                v = distributed.broadcast_(v.contiguous())
             with torch.no_grad():
-                rate = float(torch.cat([model((x[s:s + data.batch_size] + v).clamp(0, 1)).argmax(1)
-                                        for s in range(0, x.shape[0], data.batch_size)]).ne(clean).double().mean())
+                fooled = torch.cat([clean[:0]] + [model((x[s:s + data.batch_size] + v).clamp(0, 1)).argmax(1)
+                                                  for s in range(0, x.shape[0], data.batch_size)]).ne(clean)
+            if parallel:  # over every rank's images
+                rate = distributed.all_reduce_scalar(float(fooled.sum())) / max(n_all, 1)
+            else:
+                rate = float(fooled.double().mean())
             history.append(rate)
             if rate >= 1 - self.delta:
                 break

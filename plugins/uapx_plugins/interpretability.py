@@ -13,29 +13,70 @@ and class-specific UAPs).  Numbers:
   noise-like direction spreads its energy evenly, so a random direction scores K/d on average.
   The score is therefore reported beside that random baseline; it is a statement about
   alignment with the data's structure, not a human rating.
+
+Under torchrun the class means come from all-reduced per-class sums and counts, and the principal
+subspace from the all-reduced d x d covariance (``d <= 4096``) or, for larger images, from the
+distributed randomized SVD (:func:`uapx.linalg.randomized_svd`); the N x d image matrix is never
+gathered.
 """
 from __future__ import annotations
 
 import torch
 
 import uapx
+from uapx import distributed
 from uapx.diagnostics import Diagnostic, DiagnosticResult
+from uapx.linalg import gram, randomized_svd
 from uapx.plots import image_grid
 
+GRAM_MAX_DIM = 4096
+"""Up to this many pixels the principal subspace comes from the d x d covariance (float64, exact);
+above it, from the randomized SVD."""
 
-def class_mean_differences(x: torch.Tensor, y: torch.Tensor) -> dict[int, torch.Tensor]:
-    """``{c: mean(x[y == c]) - mean(x)}``, each ``(d,)``; x ``(N, C, H, W)``."""
+
+def class_mean_differences(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> dict[int, torch.Tensor]:
+    """``{c: mean(x[y == c]) - mean(x)}``, each ``(d,)``, for every class present; x ``(N, C, H, W)``.
+
+    Under torch.distributed, over every rank's images (per-class sums and counts are all-reduced;
+    ``num_classes``, by default one more than the largest label on any rank, sizes them)."""
     flat = x.reshape(x.shape[0], -1).double()
-    mu = flat.mean(0)
-    return {int(c): flat[y == c].mean(0) - mu for c in y.unique()}
+    if num_classes is None:
+        top = int(y.max()) if y.numel() else -1
+        num_classes = int(distributed.all_reduce_scalar(top, "max")) + 1
+    sums = torch.zeros(num_classes, flat.shape[1], dtype=torch.float64).index_add_(0, y.long(), flat)
+    counts = torch.bincount(y.long(), minlength=num_classes).double()
+    distributed.all_reduce_(sums)
+    distributed.all_reduce_(counts)
+    mu = sums.sum(0) / counts.sum().clamp_min(1)
+    return {c: sums[c] / counts[c] - mu for c in range(num_classes) if counts[c] > 0}
 
 
-def principal_subspace(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-``k`` principal directions of the images, ``(k, d)`` orthonormal rows."""
-    flat = x.reshape(x.shape[0], -1).double()
-    flat = flat - flat.mean(0)
-    _, _, vh = torch.linalg.svd(flat, full_matrices=False)
-    return vh[:k]
+def principal_subspace(x: torch.Tensor, k: int, *, max_gram_dim: int = GRAM_MAX_DIM, seed: int = 0) -> torch.Tensor:
+    """Top-``k`` principal directions of the images (the centred rows), ``(k, d)`` orthonormal rows,
+    float64; under torch.distributed, of every rank's images.
+
+    ``d <= max_gram_dim``: eigenvectors of the covariance ``sum (x - mu)(x - mu)^T`` (d x d,
+    float64, summed over ranks), exact.  Larger ``d``: in one process the exact SVD of the centred
+    ``(N, d)`` matrix; under torch.distributed randomized subspace iteration on the row blocks
+    (:func:`uapx.linalg.randomized_svd`, centred, ``seed``), re-orthonormalised in float64.
+    Directions have no sign.
+    """
+    flat = x.reshape(x.shape[0], -1)
+    d = flat.shape[1]
+
+    def chunks():
+        return flat.split(4096)
+
+    if d <= max_gram_dim:
+        g, s, n = gram(chunks(), d)
+        mu = s / max(n, 1)
+        _, evecs = torch.linalg.eigh(g - n * torch.outer(mu, mu))  # ascending eigenvalues
+        return evecs.flip(1)[:, :k].T.contiguous()
+    if not distributed.active():
+        centred = flat.double() - flat.double().mean(0)
+        return torch.linalg.svd(centred, full_matrices=False)[2][:k]
+    res = randomized_svd(chunks, flat.shape[0], d, k, oversample=10, power_iters=4, center=True, seed=seed)
+    return torch.linalg.qr(res.V.double().T).Q.T.contiguous()
 
 
 def subspace_energy(v: torch.Tensor, basis: torch.Tensor) -> float:
@@ -48,6 +89,7 @@ class InterpretabilityDiagnostic(Diagnostic):
     """Alignment of UAPs with class structure and with the images' principal subspace."""
 
     name = "interpretability"
+    supports_distributed = True
     description = "UAP images and scores: cosine to class-mean differences, energy in the images' top PCs"
     needs_model = False
 
@@ -57,10 +99,11 @@ class InterpretabilityDiagnostic(Diagnostic):
 
     def run(self, analysis):
         x, y = analysis.x, analysis.y
-        d = x[0].numel()
-        k = min(self.components, x.shape[0] - 1, d)
-        basis = principal_subspace(x, k)
-        diffs = class_mean_differences(x, y)
+        d = int(torch.Size(x.shape[1:]).numel())
+        n = analysis.n_images or x.shape[0]  # over every rank
+        k = min(self.components, n - 1, d)
+        basis = principal_subspace(x, k, seed=analysis.config.seed)
+        diffs = class_mean_differences(x, y, analysis.num_classes)
         energy = {u.name: subspace_energy(u.vector, basis) for u in analysis.uaps}
         align = {}
         for u in analysis.uaps:

@@ -3,6 +3,10 @@
 For a unit direction u (a global UAP, or a random direction) and t in [-2 eps, 2 eps], the mean
 cross-entropy over images of ``clamp(x + t u, 0, 1)``; a 2-D surface over (UAP, random); and the
 curvature at t = 0 from second differences, (L(h) - 2 L(0) + L(-h)) / h^2.
+
+Under torchrun each rank evaluates its part of the global first ``images`` images
+(:func:`uapx.distributed.local_prefix`) and the loss sums and counts are all-reduced: the
+profiles are those of one process.
 """
 from __future__ import annotations
 
@@ -14,18 +18,25 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import uapx  # noqa: E402
+from uapx import distributed  # noqa: E402
 from uapx.diagnostics import Diagnostic, DiagnosticResult  # noqa: E402
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *,
-              batch_size: int = 500, device: str = "cpu") -> float:
-    """Mean cross-entropy of ``clamp(x + v, 0, 1)``; x ``(N, C, H, W)``, v ``(C, H, W)``."""
+def loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *,
+             batch_size: int = 500, device: str = "cpu") -> float:
+    """Summed cross-entropy of ``clamp(x + v, 0, 1)``; x ``(N, C, H, W)`` (N may be 0), v ``(C, H, W)``."""
     total = 0.0
     for s in range(0, x.shape[0], batch_size):
         xb = (x[s:s + batch_size].to(device) + v.to(device)).clamp(0, 1)
         total += float(F.cross_entropy(model(xb), y[s:s + batch_size].to(device), reduction="sum"))
-    return total / x.shape[0]
+    return total
+
+
+def mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *,
+              batch_size: int = 500, device: str = "cpu") -> float:
+    """Mean cross-entropy of ``clamp(x + v, 0, 1)`` over this process's ``x``."""
+    return loss_sum(model, x, y, v, batch_size=batch_size, device=device) / x.shape[0]
 
 
 def curvature(losses: list[float], h: float) -> float:
@@ -38,6 +49,7 @@ class LandscapeDiagnostic(Diagnostic):
     """Loss profiles and curvature along the global UAPs and random directions of equal norm."""
 
     name = "landscape"
+    supports_distributed = True
     description = "loss along UAPs vs random directions (curves, 2-D surface, curvature at the data)"
 
     def __init__(self, *, points: int = 21, grid: int = 11, random_dirs: int = 3, images: int = 200) -> None:
@@ -47,7 +59,18 @@ class LandscapeDiagnostic(Diagnostic):
     def run(self, analysis):
         c = analysis.config
         model, dev, bs = analysis.model, c.device, c.batch_size
-        x, y = analysis.x[: self.images], analysis.y[: self.images]
+        part = distributed.local_prefix(self.images, analysis.n_images or analysis.x.shape[0])
+        x, y = analysis.x[part], analysis.y[part]  # this rank's part of the global first `images`
+        n = int(distributed.all_reduce_scalar(x.shape[0]))
+        if n == 0:
+            raise uapx.UapxError("landscape: no images to evaluate the loss on", "pass landscape.images >= 1")
+
+        def losses(vs: list[torch.Tensor]) -> list[float]:
+            """Global mean losses along the perturbations ``vs`` (one all-reduce for all of them)."""
+            sums = torch.tensor([loss_sum(model, x, y, v, batch_size=bs, device=dev) for v in vs],
+                                dtype=torch.float64)
+            return (distributed.all_reduce_(sums) / n).tolist()
+
         eps = float(c.eps)
         ts = torch.linspace(-2 * eps, 2 * eps, self.points)
         h = float(ts[1] - ts[0])
@@ -58,13 +81,12 @@ class LandscapeDiagnostic(Diagnostic):
                 sign = analysis.evaluations[u.name].sign if u.name in analysis.evaluations else 1
                 dirs[u.name] = u.vector * sign / u.vector.norm()
         for i in range(self.random_dirs):
-            r = torch.randn(x.shape[1:], generator=g)
+            r = torch.randn(analysis.x.shape[1:], generator=g)
             dirs[f"random-{i + 1}"] = r / r.norm()
-        profiles = {name: [mean_loss(model, x, y, float(t) * d, batch_size=bs, device=dev) for t in ts]
-                    for name, d in dirs.items()}
+        profiles = {name: losses([float(t) * d for t in ts]) for name, d in dirs.items()}
         curv = {name: curvature(p, h) for name, p in profiles.items()}
         rand_curv = [curv[k] for k in curv if k.startswith("random-")]
-        figures = {"t": ts.tolist(), "images": x.shape[0], "profiles": profiles, "curvature_at_data": curv,
+        figures = {"t": ts.tolist(), "images": n, "profiles": profiles, "curvature_at_data": curv,
                    "random_curvature_mean": sum(rand_curv) / len(rand_curv) if rand_curv else None}
 
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
@@ -73,7 +95,7 @@ class LandscapeDiagnostic(Diagnostic):
         ax.set_xlabel("t (L2 distance along the direction)")
         ax.set_ylabel("mean cross-entropy")
         ax.legend(fontsize=7)
-        plots = [("profiles", fig, f"Mean loss of {x.shape[0]} images along each global UAP (solid) and random "
+        plots = [("profiles", fig, f"Mean loss of {n} images along each global UAP (solid) and random "
                                    "directions (dashed), t in [-2 eps, 2 eps].")]
         uap_names = [k for k in dirs if not k.startswith("random-")]
         if uap_names and self.random_dirs:
@@ -81,8 +103,7 @@ class LandscapeDiagnostic(Diagnostic):
             b = b - (b.reshape(-1) @ a.reshape(-1)) * a  # orthogonalise the random axis
             b = b / b.norm()
             gt = torch.linspace(-2 * eps, 2 * eps, self.grid)
-            surface = [[mean_loss(model, x, y, float(s) * a + float(t) * b, batch_size=bs, device=dev) for t in gt]
-                       for s in gt]
+            surface = [losses([float(s) * a + float(t) * b for t in gt]) for s in gt]
             figures["surface"] = {"uap": uap_names[0], "axis": gt.tolist(), "loss": surface}
             fig2, ax2 = plt.subplots(figsize=(4.6, 3.8))
             im = ax2.contourf(gt.numpy(), gt.numpy(), torch.tensor(surface).numpy(), levels=20, cmap="viridis")

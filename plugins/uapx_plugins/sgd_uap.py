@@ -7,14 +7,24 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import uapx
+from uapx import distributed
 from uapx.methods import Direction, UAPMethod
 
 
 class SGDUAP(UAPMethod):
     """Maximise the mean (optionally clipped) cross-entropy of ``clamp(x + v, 0, 1)`` over batches
-    with normalised-gradient steps, projecting ``v`` onto the L2 ball of radius eps after each."""
+    with normalised-gradient steps, projecting ``v`` onto the L2 ball of radius eps after each.
+
+    Under torchrun, distributed mini-batch SGD: the batches come from the same seeded permutation
+    of the global image order (rank 0's images first) as in one process, every rank takes its own
+    images of each global batch, and the gradients of the summed loss (divided by the global batch
+    size) are all-reduced, so every rank takes the same steps and ``v`` stays identical on all of
+    them.  The steps are one process's up to float rounding (the gradient is summed in another
+    order), which normalised steps through a non-linear model can amplify over a long run.
+    """
 
     name = "sgd-uap"
+    supports_distributed = True
     description = "single perturbation by projected stochastic gradient ascent over batches (Shafahi et al. 2020), L2"
     needs_model = True
 
@@ -28,30 +38,36 @@ class SGDUAP(UAPMethod):
         model, dev = data.model, data.device
         g = torch.Generator().manual_seed(data.seed)
         x, y = data.x, data.y
+        start, n = distributed.row_offset(x.shape[0])  # this rank's first row in the global order; all rows
         v = torch.zeros(1, *x.shape[1:], device=dev)
         lr0 = self.step_size if self.step_size is not None else eps / 2
-        batches = (x.shape[0] + self.batch_size - 1) // self.batch_size
+        batches = (n + self.batch_size - 1) // self.batch_size
         total, t, losses = self.epochs * batches, 0, []
         for ep in range(self.epochs):
-            order = torch.randperm(x.shape[0], generator=g)
+            order = torch.randperm(n, generator=g)
             epoch_loss = 0.0
-            for s in tqdm(range(0, x.shape[0], self.batch_size), desc=f"sgd-uap eps {eps:g} epoch {ep + 1}",
-                          leave=False, unit="batch"):
+            for s in tqdm(range(0, n, self.batch_size), desc=f"sgd-uap eps {eps:g} epoch {ep + 1}",
+                          leave=False, unit="batch", disable=not distributed.is_main()):
                 idx = order[s:s + self.batch_size]
+                count = idx.numel()  # the global batch
+                if distributed.active():  # this rank's images of it
+                    idx = idx[(idx >= start) & (idx < start + x.shape[0])] - start
                 xb, yb = x[idx].to(dev), y[idx].to(dev)
                 v.requires_grad_(True)
                 loss = F.cross_entropy(model((xb + v).clamp(0, 1)), yb, reduction="none")
                 if self.loss_clip is not None:
                     loss = loss.clamp(max=self.loss_clip)
-                (grad,) = torch.autograd.grad(loss.mean(), v)
+                (grad,) = torch.autograd.grad(loss.sum() / count, v)  # this rank's part of the batch mean
+                distributed.all_reduce_(grad)
                 lr = lr0 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * t / total))).item()  # cosine decay
                 with torch.no_grad():
                     v = v + lr * grad / grad.norm().clamp_min(1e-12)
                     v = v * min(1.0, eps / max(float(v.norm()), 1e-12))
-                epoch_loss += float(loss.sum())
+                epoch_loss += float(loss.detach().sum())
                 t += 1
-            losses.append(epoch_loss / x.shape[0])
-        return [Direction(v.detach().reshape(-1).cpu(), meta={"loss_per_epoch": losses})]
+            losses.append(distributed.all_reduce_scalar(epoch_loss) / n)
+        v = distributed.broadcast_(v.detach().contiguous())  # identical on every rank, bit for bit
+        return [Direction(v.reshape(-1).cpu(), meta={"loss_per_epoch": losses})]
 
 
 @uapx.hookimpl

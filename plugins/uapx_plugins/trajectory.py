@@ -6,6 +6,12 @@ and three references -- the talk's "cos sim to avg grad at final step" admits al
 - ``universal``: the average over images of the final-step gradients, mean_j g_j(T);
 - ``own_final``: the image's own final-step gradient g_i(T);
 - ``own_mean``: the image's own trajectory-average gradient mean_t g_i(t).
+
+Under torchrun each rank records its part of the global first ``trajectory_samples`` images
+(:meth:`uapx.pipeline.Analysis.trajectories`); the universal reference is the global mean of the
+final-step gradients (all-reduced sum and count) and the per-image cosines ``(m, steps)`` are
+gathered, so every figure is the single-process one.  The restarts of the single image (global
+image 0) run on the rank that holds it; only rank 0 writes the report.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import uapx  # noqa: E402
+from uapx import distributed  # noqa: E402
 from uapx.attacks import pgd_trajectory  # noqa: E402
 from uapx.diagnostics import Diagnostic, DiagnosticResult  # noqa: E402
 
@@ -48,6 +55,7 @@ class TrajectoryDiagnostic(Diagnostic):
     """Cosine similarity of PGD gradients along the trajectory to three reference directions."""
 
     name = "trajectory"
+    supports_distributed = True
     description = "cosine similarity of PGD gradients along trajectories to universal/own final/own mean gradient"
     needs_trajectories = True
 
@@ -56,7 +64,8 @@ class TrajectoryDiagnostic(Diagnostic):
         self.restarts = restarts
 
     def _restarts(self, analysis, universal: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
-        """Cosines ``(steps, restarts)`` for one image attacked from random starts in the eps-ball."""
+        """Cosines ``(steps, restarts)`` for one image (``index`` into this rank's ``x``) attacked
+        from random starts in the eps-ball."""
         a, c = analysis.attack, analysis.config
         x = analysis.x[index:index + 1].expand(self.restarts, *analysis.x.shape[1:]).to(c.device)
         y = analysis.y[index:index + 1].expand(self.restarts).to(c.device)
@@ -66,22 +75,36 @@ class TrajectoryDiagnostic(Diagnostic):
         return trajectory_cosines(traj.grads, universal)
 
     def run(self, analysis):
-        traj = analysis.trajectories()
-        cos = trajectory_cosines(traj.grads)
-        steps, m = traj.grads.shape[:2]
+        traj = analysis.trajectories()  # this rank's part of the global first trajectory_samples images
+        final = traj.grads[-1].double()
+        if distributed.active():  # the universal reference over every rank's trajectories
+            count = distributed.all_reduce_scalar(final.shape[0])
+            universal = distributed.all_reduce_(final.sum(0)) / max(count, 1)
+        else:
+            universal = final.mean(0)
+        local = trajectory_cosines(traj.grads, universal)
+        def gather(t: torch.Tensor) -> torch.Tensor:  # (steps, m_rank) on each rank -> (steps, m) of all
+            return distributed.all_gather_rows(t.T.contiguous().cpu()).T.contiguous()
+
+        cos = {name: gather(c) for name, c in local.items()}
+        losses = gather(traj.losses)
+        steps, m = cos["universal"].shape
         figures = {"images": m, "steps": steps}
         for name, c in cos.items():
             figures[name] = {"mean_per_step": c.mean(1).tolist(), "std_per_step": c.std(1, unbiased=False).tolist(),
                              "mean_over_trajectory": float(c.mean())}
-        index = int(traj.index[0])
+        index = 0  # the single image: global image 0 (the first trajectory), on rank 0
         figures["single_image"] = {"index": index, **{name: c[:, 0].tolist() for name, c in cos.items()}}
-        restart_cos = self._restarts(analysis, traj.grads[-1].double().mean(0), index) if self.restarts else {}
-        if restart_cos:
+        held = (traj.index == index).nonzero().flatten()  # on the rank that holds it: no collective below
+        restart_cos = {}
+        if self.restarts and held.numel():
+            first_row = distributed.shard(analysis.n_images or analysis.x.shape[0]).start
+            restart_cos = self._restarts(analysis, universal, index - first_row)
             figures["single_image"]["restarts"] = {
                 "count": self.restarts,
                 **{name: {"mean": float(c.mean()), "std": float(c.std(unbiased=False)), "min": float(c.min())}
                    for name, c in restart_cos.items()}}
-        figures["loss_per_step"] = traj.losses.double().mean(1).tolist()
+        figures["loss_per_step"] = losses.double().mean(1).tolist()
 
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
         t = torch.arange(1, steps + 1).numpy()
