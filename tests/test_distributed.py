@@ -261,3 +261,29 @@ def test_attack_with_two_ranks_writes_the_set_one_process_writes(tmp_path):
     torch.testing.assert_close(two.deltas, one.deltas, rtol=0, atol=1e-5)
     streamed = PerturbationSet.load(tmp_path / "two")
     torch.testing.assert_close(torch.cat(list(streamed.chunks(7))), two.deltas, rtol=0, atol=0)
+
+
+def test_a_class_held_by_one_rank_only_pairs_up_the_reductions(tmp_path):
+    """12 images, 6 per rank: classes 0 and 5 lie on rank 0 only, 6 and 9 on rank 1 only.  Every
+    rank must still take part in every class's reduction, or the per-class reductions of
+    different classes pair up across ranks and mix silently."""
+    import uapx.data
+
+    y = uapx.data.load("mnist", "test").subset(12, seed=0).y
+    only_rank0 = set(y[:6].tolist()) - set(y[6:].tolist())
+    only_rank1 = set(y[6:].tolist()) - set(y[:6].tolist())
+    assert only_rank0 and only_rank1  # the case this test is about
+    args = ["analyze", "--plugins", "average,svd,sgd-uap", "--set", "sgd-uap.per_class=true",
+            "--set", "sgd-uap.epochs=2", "--n-samples", "12", "--steps", "2", "--random-draws", "1", "--k", "2"]
+    uaps = []
+    for ranks in (1, 2):
+        res = run(tmp_path, tmp_path / f"r{ranks}", ranks=ranks, args=args)
+        assert res.returncode == 0, res.stderr[-3000:]
+        uaps.append({u.name: u for u in load_uaps(tmp_path / f"r{ranks}" / "uaps.pt")})
+    one, two = uaps
+    assert set(one) == set(two)
+    for c in sorted(only_rank0 | only_rank1):
+        for name in (f"average:class-{c}", f"sgd-uap:class-{c}"):
+            torch.testing.assert_close(two[name].vector, one[name].vector, rtol=1e-4, atol=1e-5)
+        a, b = one[f"svd:v1:class-{c}"].vector.flatten(), two[f"svd:v1:class-{c}"].vector.flatten()
+        assert abs(float(a @ b / (a.norm() * b.norm()))) > 0.9999

@@ -232,7 +232,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                   random_draws=args.random_draws, overwrite=args.overwrite,
                   transfer=[m.strip() for m in args.transfer.split(",") if m.strip()])
     result = analyze(cfg, registry=_registry(args))
-    print(f"report written to {result.out}/index.html")
+    from . import distributed
+
+    if distributed.is_main():
+        print(f"report written to {result.out}/index.html")
     return 0
 
 

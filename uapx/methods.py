@@ -126,7 +126,7 @@ class UAPMethod:
         out: list[UAP] = []
         for cls, mask in groups:
             part = pset if mask is None else pset.where(mask)
-            if len(part) == 0:
+            if _global_len(part) == 0:  # every rank takes the same groups (their reductions pair up)
                 continue
             if self.needs_model:
                 part_data = data if mask is None else data.select(mask)
@@ -153,6 +153,13 @@ class UAPMethod:
             out.append(UAP(name, (v * (e / norm)).reshape(shape), repr(self), e, cls, direction.signless, meta,
                            direction.tag))
         return out
+
+
+def _global_len(part: PerturbationSet) -> int:
+    """Rows of ``part`` over every torchrun rank (a rank may hold none of a class)."""
+    from . import distributed
+
+    return int(distributed.all_reduce_scalar(float(len(part)))) if distributed.active() else len(part)
 
 
 def uaps_to_bytes(uaps: Sequence[UAP]) -> bytes:
