@@ -324,3 +324,21 @@ def test_errors_name_the_fix():
         single_pass_svd(a.split(16), 50, 8, 2, range_dim=5, corange_dim=4)
     with pytest.raises(UapxError, match="range_dim=2 is smaller than k=3"):
         single_pass_svd(a.split(16), 50, 8, 3, range_dim=2)
+
+
+@pytest.mark.parametrize("n,d", [(40, 300), (300, 300), (900, 300)])
+@pytest.mark.parametrize("center", [False, True])
+def test_exact_svd_of_wide_and_tall_matrices_matches_scipy(n, d, center):
+    """top_svd_gram takes LAPACK's SVD of a wide matrix (N < d) and the Gram matrix of a tall one;
+    both give SciPy's singular values and vectors, however the rows are chunked."""
+    from uapx.linalg import top_svd_gram
+
+    g = np.random.default_rng(n + d)
+    a = g.standard_normal((n, 20)) @ g.standard_normal((20, d)) + 0.1 * g.standard_normal((n, d)) + 0.3
+    ref = a - a.mean(0) if center else a
+    _, s, vh = scipy.linalg.svd(ref, full_matrices=False)
+    res = top_svd_gram(torch.from_numpy(a).float().split(128), d, 6, center=center)
+    np.testing.assert_allclose(res.S.numpy(), s[:6], rtol=1e-4)
+    for i in range(6):
+        assert abs(float(res.V[i].double() @ torch.from_numpy(vh[i]))) == pytest.approx(1.0, abs=1e-4)
+    assert res.n == n and res.total_energy == pytest.approx(float((ref ** 2).sum()), rel=1e-5)

@@ -74,7 +74,26 @@ def column_sum(chunks: Iterable[torch.Tensor], d: int, *, normalize_rows: bool =
 
 
 def top_svd_gram(chunks: Iterable[torch.Tensor], d: int, k: int, *, center: bool = False) -> TopSVD:
-    """Exact top-``k`` SVD from the Gram matrix, in float64 (one pass over the rows)."""
+    """Exact top-``k`` SVD in float64, in one pass over the rows.
+
+    From the ``d x d`` Gram matrix (summed over ranks under torch.distributed).  In one process a
+    matrix with fewer rows than columns (N < d: a class of CIFAR-10 perturbations, d = 3072) is
+    small enough to hold, and LAPACK's SVD of it costs O(N^2 d) instead of the Gram's O(d^3).
+    """
+    if not distributed.active():
+        held: list[torch.Tensor] = []
+        rows = 0
+        it = iter(chunks)
+        for block in it:
+            held.append(block.reshape(block.shape[0], -1))
+            rows += held[-1].shape[0]
+            if rows > d:  # the Gram matrix is the smaller one: stream the rest into it
+                chunks = _chain(held, it)
+                break
+        else:
+            if rows:
+                return top_svd_lapack(torch.cat(held), k, center=center)
+            chunks = []
     g, s, n = gram(chunks, d)
     mean = s / max(n, 1)
     if center:
@@ -85,6 +104,11 @@ def top_svd_gram(chunks: Iterable[torch.Tensor], d: int, k: int, *, center: bool
     S = evals[:k].clamp_min(0).sqrt()
     return TopSVD(S.float(), evecs[:, :k].T.contiguous().float(), n,
                   (mean if center else torch.zeros(d, dtype=torch.float64)).float(), float(evals.clamp_min(0).sum()))
+
+
+def _chain(first: list[torch.Tensor], rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    yield from first
+    yield from rest
 
 
 def top_svd_lapack(matrix: torch.Tensor, k: int, *, center: bool = False) -> TopSVD:
