@@ -132,3 +132,14 @@ def test_transfer_to_another_model(tmp_path, monkeypatch):
     # transferring to the very same model reproduces the model's own numbers
     assert t["evaluations"]["average"]["fooling_rate"] == rep["uaps"]["evaluations"]["average"]["fooling_rate"]
     assert set(t["evaluations"]) == {"average"}
+
+
+def test_trajectory_samples_sets_how_many_trajectories_are_recorded(capsys, tmp_path):
+    out = tmp_path / "r"
+    code, _, _ = run(capsys, "analyze", "--plugins", "trajectory", "--n-samples", "20", "--steps", "3",
+                     "--trajectory-samples", "7", "--set", "trajectory.restarts=2", "--out", str(out))
+    assert code == 0
+    traj = json.loads((out / "report.json").read_text())["diagnostics"]["trajectory"]
+    assert traj["images"] == 7 and traj["steps"] == 3
+    code, _, err = run(capsys, "analyze", "--trajectory-samples", "0", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "--trajectory-samples" in err and not (tmp_path / "bad").exists()

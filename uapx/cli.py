@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--k", type=int, default=5, help="directions per SVD-type method (default: 5)")
     a.add_argument("--random-draws", type=int, default=5,
                    help="random directions drawn for the baseline (default: 5)")
+    a.add_argument("--trajectory-samples", type=int, default=100,
+                   help="images whose PGD trajectories are recorded for trajectory diagnostics (default: 100)")
     a.add_argument("--set", dest="settings", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
                    help="a plugin setting, e.g. --set svd.center=true --set average.normalize=true")
     a.add_argument("--transfer", default="", metavar="MODEL[,MODEL...]",
@@ -230,7 +232,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     plugins = [p.strip() for p in args.plugins.split(",") if p.strip()]
     cfg = _config(args, plugins=plugins, plugin_settings=parse_settings(args.settings), k=args.k,
                   random_draws=args.random_draws, overwrite=args.overwrite,
-                  transfer=[m.strip() for m in args.transfer.split(",") if m.strip()])
+                  trajectory_samples=args.trajectory_samples, transfer=[m.strip() for m in args.transfer.split(",") if m.strip()])
     result = analyze(cfg, registry=_registry(args))
     from . import distributed
 

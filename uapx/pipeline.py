@@ -60,6 +60,9 @@ class AnalyzeConfig:
         c.eps = c.eps if c.eps is not None else DEFAULT_EPS.get(c.dataset, 1.0)
         c.step_size = c.step_size if c.step_size is not None else 2.5 * c.eps / max(c.steps, 1)
         check_budget(c.eps, c.steps, c.step_size)
+        if c.trajectory_samples < 1:
+            raise UapxError(f"--trajectory-samples must be >= 1, got {c.trajectory_samples}",
+                            "pass --trajectory-samples 1 or more")
         if c.batch_size < 1:
             raise UapxError(f"--batch-size must be >= 1, got {c.batch_size}", "pass --batch-size 1 or more")
         if c.device.startswith("cuda") and not torch.cuda.is_available():
