@@ -10,6 +10,7 @@ callable returning a fresh one per pass), so that a matrix kept on disk is never
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -88,7 +89,7 @@ def top_svd_gram(chunks: Iterable[torch.Tensor], d: int, k: int, *, center: bool
             held.append(block.reshape(block.shape[0], -1))
             rows += held[-1].shape[0]
             if rows > d:  # the Gram matrix is the smaller one: stream the rest into it
-                chunks = _chain(held, it)
+                chunks = itertools.chain(held, it)
                 break
         else:
             if rows:
@@ -104,11 +105,6 @@ def top_svd_gram(chunks: Iterable[torch.Tensor], d: int, k: int, *, center: bool
     S = evals[:k].clamp_min(0).sqrt()
     return TopSVD(S.float(), evecs[:, :k].T.contiguous().float(), n,
                   (mean if center else torch.zeros(d, dtype=torch.float64)).float(), float(evals.clamp_min(0).sum()))
-
-
-def _chain(first: list[torch.Tensor], rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-    yield from first
-    yield from rest
 
 
 def top_svd_lapack(matrix: torch.Tensor, k: int, *, center: bool = False) -> TopSVD:

@@ -155,6 +155,11 @@ class UAPMethod:
         return out
 
 
+def project_l2(v: torch.Tensor, eps: float) -> torch.Tensor:
+    """``v`` scaled back onto the L2 ball of radius ``eps`` if it lies outside (one perturbation)."""
+    return v * min(1.0, eps / max(float(v.norm()), 1e-12))
+
+
 def _global_len(part: PerturbationSet) -> int:
     """Rows of ``part`` over every torchrun rank (a rank may hold none of a class)."""
     from . import distributed

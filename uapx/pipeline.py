@@ -95,8 +95,11 @@ class Analysis:
     attack: Any
     uaps: list[UAP] = field(default_factory=list)
     evaluations: dict[str, UAPEvaluation] = field(default_factory=dict)
-    n_images: int = 0  # over every rank under torchrun (x holds this rank's shard)
+    n_images: int = 0  # over every rank under torchrun (x holds this rank's shard); default: len(x)
     _trajectory: tuple[torch.Tensor, Trajectory] | None = None
+
+    def __post_init__(self) -> None:
+        self.n_images = self.n_images or int(self.x.shape[0])
 
     @property
     def num_classes(self) -> int:
@@ -110,7 +113,7 @@ class Analysis:
         images (:func:`uapx.distributed.local_prefix`; possibly none), and ``index`` holds their
         global positions (in one process, positions ``0 .. m-1`` of ``x``)."""
         if self._trajectory is None:
-            n = self.n_images or self.x.shape[0]
+            n = self.n_images
             part = distributed.local_prefix(self.config.trajectory_samples, n)
             if part.stop > 0:
                 dev = self.config.device

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 import uapx
 from uapx import distributed
-from uapx.methods import Direction, UAPMethod
+from uapx.methods import Direction, UAPMethod, project_l2
 
 
 def deepfool(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 10, overshoot: float = 0.02,
@@ -99,18 +99,15 @@ class DeepFoolUAP(UAPMethod):
                     continue
                 dv = deepfool(model, (xi + v).clamp(0, 1), max_iter=self.max_iter, overshoot=self.overshoot)
                 v = v + dv
-                v = v * min(1.0, eps / max(float(v.norm()), 1e-12))
+                v = project_l2(v, eps)
             if parallel:  # the mean of the ranks' iterates, back in the eps-ball, the same on every rank
                 v = distributed.all_reduce_(v.contiguous()) / distributed.world_size()
-                v = v * min(1.0, eps / max(float(v.norm()), 1e-12))
+                v = project_l2(v, eps)
                 v = distributed.broadcast_(v.contiguous())
             with torch.no_grad():
                 fooled = torch.cat([clean[:0]] + [model((x[s:s + data.batch_size] + v).clamp(0, 1)).argmax(1)
                                                   for s in range(0, x.shape[0], data.batch_size)]).ne(clean)
-            if parallel:  # over every rank's images
-                rate = distributed.all_reduce_scalar(float(fooled.sum())) / max(n_all, 1)
-            else:
-                rate = float(fooled.double().mean())
+            rate = distributed.all_reduce_scalar(float(fooled.sum())) / max(n_all, 1)  # over every rank's images
             history.append(rate)
             if rate >= 1 - self.delta:
                 break

@@ -100,7 +100,7 @@ class InterpretabilityDiagnostic(Diagnostic):
     def run(self, analysis):
         x, y = analysis.x, analysis.y
         d = int(torch.Size(x.shape[1:]).numel())
-        n = analysis.n_images or x.shape[0]  # over every rank
+        n = analysis.n_images  # over every rank
         k = min(self.components, n - 1, d)
         basis = principal_subspace(x, k, seed=analysis.config.seed)
         diffs = class_mean_differences(x, y, analysis.num_classes)

@@ -59,7 +59,7 @@ class LandscapeDiagnostic(Diagnostic):
     def run(self, analysis):
         c = analysis.config
         model, dev, bs = analysis.model, c.device, c.batch_size
-        part = distributed.local_prefix(self.images, analysis.n_images or analysis.x.shape[0])
+        part = distributed.local_prefix(self.images, analysis.n_images)
         x, y = analysis.x[part], analysis.y[part]  # this rank's part of the global first `images`
         n = int(distributed.all_reduce_scalar(x.shape[0]))
         if n == 0:

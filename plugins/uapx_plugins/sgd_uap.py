@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 import uapx
 from uapx import distributed
-from uapx.methods import Direction, UAPMethod
+from uapx.methods import Direction, UAPMethod, project_l2
 
 
 class SGDUAP(UAPMethod):
@@ -62,7 +62,7 @@ class SGDUAP(UAPMethod):
                 lr = lr0 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * t / total))).item()  # cosine decay
                 with torch.no_grad():
                     v = v + lr * grad / grad.norm().clamp_min(1e-12)
-                    v = v * min(1.0, eps / max(float(v.norm()), 1e-12))
+                    v = project_l2(v, eps)
                 epoch_loss += float(loss.detach().sum())
                 t += 1
             losses.append(distributed.all_reduce_scalar(epoch_loss) / n)

@@ -98,7 +98,7 @@ class TrajectoryDiagnostic(Diagnostic):
         held = (traj.index == index).nonzero().flatten()  # on the rank that holds it: no collective below
         restart_cos = {}
         if self.restarts and held.numel():
-            first_row = distributed.shard(analysis.n_images or analysis.x.shape[0]).start
+            first_row = distributed.shard(analysis.n_images).start
             restart_cos = self._restarts(analysis, universal, index - first_row)
             figures["single_image"]["restarts"] = {
                 "count": self.restarts,
