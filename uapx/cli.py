@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eps", type=float, default=2.0, help="training budget (default: 2.0)")
     t.add_argument("--attack-steps", type=int, default=10, help="PGD steps while training (default: 10)")
     t.add_argument("--attack-step-size", type=float, default=None, help="default 2.5*eps/steps")
+    t.add_argument("--eps-ramp-epochs", type=float, default=0.0,
+                   help="grow the training eps linearly to --eps over this many epochs (default: 0, no warm-up)")
+    t.add_argument("--early-stop", action="store_true",
+                   help="stop when the epoch-end PGD accuracy on 512 training images falls by > 20 points, "
+                        "keeping the previous epoch's weights (Wong et al. 2020, for single-step training)")
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=None)
@@ -106,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-steps", type=int, default=40, help="PGD steps for the robust accuracy")
     t.add_argument("--eval-eps", type=float, default=None, help="budget for the robust accuracy (default: eps)")
     t.add_argument("--eval-n", type=int, default=None, help="test images for the robust accuracy (default: all)")
+    t.add_argument("--strong-n", type=_count_or_all, default=1000,
+                   help="seeded sample of test images for the 100-step, 5-restart PGD of the card "
+                        "(default: 1000; 'all' for all)")
     t.add_argument("--out", required=True, help="output model file (the checkpoint is <out>.ckpt)")
 
     r = sub.add_parser("reproduce", help="the whole study: zoo models, real data, one report with the findings")
@@ -165,10 +173,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     card = train(TrainConfig(dataset=args.dataset, arch=args.arch, adversarial=args.adversarial, eps=args.eps,
                              attack_steps=args.attack_steps, attack_step_size=args.attack_step_size,
+                             eps_ramp_epochs=args.eps_ramp_epochs, early_stop=args.early_stop,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                              seed=args.seed, data_root=args.data_root, device=args.device, out=args.out,
                              checkpoint_every=args.checkpoint_every, eval_steps=args.eval_steps,
-                             eval_eps=args.eval_eps, eval_n=args.eval_n))
+                             eval_eps=args.eval_eps, eval_n=args.eval_n, strong_n=args.strong_n))
     print(f"wrote {args.out}: clean accuracy {card['clean_accuracy']:.4f}, robust accuracy "
           f"{card['robust_accuracy']:.4f} ({card['robust_attack']['steps']}-step PGD-"
           f"{card['robust_attack']['norm'].upper()} at eps {card['robust_attack']['eps']})")

@@ -20,12 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import atomic, data
+from . import atomic, data, strength
 from .attacks import check_budget, pgd
 from .errors import UapxError
 from .models import build, save_model
 from .models.architectures import DEFAULT_ARCH
 from .models.checkpoints import load_state, read_checkpoint
+
+
+EARLY_STOP_IMAGES = 512  # training images of the early-stopping check
+EARLY_STOP_STEPS = 10  # PGD steps of the check
+EARLY_STOP_DROP = 0.2  # a fall of the check's accuracy by more than this stops training (Wong et al. 2020)
 
 
 @dataclass
@@ -38,6 +43,8 @@ class TrainConfig:
     eps: float = 2.0
     attack_steps: int = 10
     attack_step_size: float | None = None  # default 2.5 * eps / steps
+    eps_ramp_epochs: float = 0.0  # training eps grows linearly from eps/ramp-batches to eps over this many epochs
+    early_stop: bool = False  # Wong et al. 2020: stop when the epoch-end PGD accuracy drops > 20 points
     epochs: int = 3
     batch_size: int = 128
     lr: float | None = None
@@ -52,6 +59,7 @@ class TrainConfig:
     eval_steps: int = 40
     eval_eps: float | None = None  # default: eps
     eval_n: int | None = None  # test images for the robust accuracy; None = all
+    strong_n: int | None = 1000  # seeded sample of test images for the strong attack (uapx.strength); None = all
     half: bool = True
     command: str = field(default_factory=lambda: " ".join(
         ["uapx"] + [shlex.quote(a) for a in sys.argv[1:]]))
@@ -70,6 +78,12 @@ class TrainConfig:
             raise UapxError(f"unknown --adversarial {c.adversarial!r}", "choose l2 or linf, or leave it out")
         if c.adversarial:
             check_budget(c.eps, c.attack_steps, c.attack_step_size)
+        if not (c.eps_ramp_epochs >= 0) or c.eps_ramp_epochs > c.epochs:
+            raise UapxError(f"--eps-ramp-epochs must lie in [0, --epochs], got {c.eps_ramp_epochs}",
+                            "pass e.g. --eps-ramp-epochs 2 (0 = no warm-up)")
+        if c.early_stop and not c.adversarial:
+            raise UapxError("--early-stop checks adversarial training against catastrophic overfitting",
+                            "pass --adversarial linf (or l2) with it, or leave --early-stop out")
         if c.epochs < 1 or c.batch_size < 1:
             raise UapxError("--epochs and --batch-size must be >= 1", "pass positive values")
         return c
@@ -131,28 +145,37 @@ def train(config: TrainConfig) -> dict:
     steps_per_epoch = math.ceil(len(train_set) / c.batch_size)
     opt, sched = _optimizer(c, model, c.epochs * steps_per_epoch)
     epoch, step, elapsed = 0, 0, 0.0
+    check_history: list[float] = []  # epoch-end PGD accuracies of the early-stopping check
+    prev_state: dict | None = None  # weights at the end of the last epoch that passed the check
+    stopped_at: int | None = None
+    check_set = train_set.subset(min(EARLY_STOP_IMAGES, len(train_set)), seed=c.seed + 1) if c.early_stop else None
     if ckpt_path.exists():
         saved = read_checkpoint(ckpt_path)
         st = saved.get("train_state", {}) if isinstance(saved, dict) else {}
-        if st.get("config_key") != _config_key(c):
+        if not _same_run(st.get("config_key"), c):
             raise UapxError(f"{str(ckpt_path)!r} belongs to a different training run",
                             "use another --out, or delete the checkpoint to start over")
         load_state(model, saved["state_dict"], source=str(ckpt_path))
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         epoch, step, elapsed = st["epoch"], st["step"], st.get("elapsed", 0.0)
+        check_history, prev_state = st.get("check_history", []), st.get("prev_state")
+        stopped_at = st.get("stopped_at")
         print(f"resuming {ckpt_path} at epoch {epoch + 1}, batch {step}", file=sys.stderr)
 
     def checkpoint(epoch: int, step: int) -> None:
         save_model(ckpt_path, model, c.arch, card={}, train_state={
             "config_key": _config_key(c), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "epoch": epoch, "step": step, "elapsed": elapsed + time.time() - t0})
+            "epoch": epoch, "step": step, "elapsed": elapsed + time.time() - t0,
+            "check_history": check_history, "prev_state": prev_state, "stopped_at": stopped_at})
 
+    ramp_batches = c.eps_ramp_epochs * steps_per_epoch
     t0 = time.time()
-    while epoch < c.epochs:
+    while epoch < c.epochs and stopped_at is None:
         perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(c.seed * 1000 + epoch))
         model.train()
         bar = tqdm(range(step, steps_per_epoch), desc=f"epoch {epoch + 1}/{c.epochs}", unit="batch")
+        seen, loss_sum, hits = 0, 0.0, 0
         for b in bar:
             idx = perm[b * c.batch_size:(b + 1) * c.batch_size]
             g = torch.Generator().manual_seed(hash((c.seed, epoch, b)) & 0x7FFFFFFF)
@@ -161,19 +184,38 @@ def train(config: TrainConfig) -> dict:
                 x = _augment(x, g)
             x, y = x.to(c.device), train_set.y[idx].to(c.device)
             if c.adversarial:
+                # linear eps warm-up, the step size scaled with it
+                scale = min(1.0, (epoch * steps_per_epoch + b + 1) / ramp_batches) if ramp_batches else 1.0
                 model.eval()
-                x = pgd(model, x, y, norm=c.adversarial, eps=c.eps, steps=c.attack_steps,
-                        step_size=c.attack_step_size, random_start=True, generator=g)
+                x = pgd(model, x, y, norm=c.adversarial, eps=c.eps * scale, steps=c.attack_steps,
+                        step_size=c.attack_step_size * scale, random_start=True, generator=g)
                 model.train()
-            loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)), y)
+            logits = model(x.contiguous(memory_format=fmt))
+            loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            seen, loss_sum, hits = seen + len(y), loss_sum + loss.item() * len(y), hits + int((logits.argmax(1) == y).sum())
             if (b + 1) % c.checkpoint_every == 0 and b + 1 < steps_per_epoch:
                 checkpoint(epoch, b + 1)
         epoch, step = epoch + 1, 0
+        print(f"epoch {epoch}: mean training loss {loss_sum / max(seen, 1):.4f}, accuracy on the training "
+              f"{'adversarial ' if c.adversarial else ''}batches {hits / max(seen, 1):.4f} ({seen} images)",
+              file=sys.stderr)
+        if c.early_stop:
+            acc = _early_stop_check(model, check_set, c, epoch)
+            check_history.append(acc)
+            print(f"epoch {epoch}: early-stopping check, PGD accuracy {acc:.4f} on {len(check_set)} training images",
+                  file=sys.stderr)
+            if len(check_history) > 1 and acc < check_history[-2] - EARLY_STOP_DROP:
+                stopped_at = epoch  # catastrophic overfitting: keep the weights of the previous epoch
+                load_state(model, prev_state, source="the previous epoch")
+                print(f"epoch {epoch}: PGD accuracy fell from {check_history[-2]:.4f}; stopping with the weights "
+                      f"of epoch {epoch - 1}", file=sys.stderr)
+            else:
+                prev_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         checkpoint(epoch, 0)
     train_seconds = elapsed + time.time() - t0
 
@@ -201,15 +243,59 @@ def train(config: TrainConfig) -> dict:
         "robust_attack": {"norm": norm, "eps": c.eval_eps, "steps": c.eval_steps, "step_size": robust_step,
                           "random_start": False, "images": len(robust_set)},
         "torch": str(torch.__version__),
+        "machine": machine(),
     }
+    if c.adversarial:
+        card["strong_attack"] = strength.card_entry(model, test_set, card, n=c.strong_n, seed=c.seed, device=c.device)
+    if c.early_stop:
+        card["early_stop_check"] = {"pgd_accuracy_per_epoch": check_history, "images": len(check_set),
+                                    "steps": EARLY_STOP_STEPS, "stopped_at_epoch": stopped_at}
     save_model(out, model, c.arch, card=card, half=c.half)
     atomic.write_json(out.with_suffix(".json"), card)
     return card
 
 
+def machine() -> dict:
+    """The CPU model (from /proc/cpuinfo where there is one) and the torch threads used."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def _early_stop_check(model: nn.Module, images: data.ImageSet, c: TrainConfig, epoch: int) -> float:
+    """Wong et al. 2020's check against catastrophic overfitting: PGD accuracy (10 steps, random start,
+    the training norm and eps) on a fixed seeded sample of training images."""
+    model.eval()
+    x, y = images.images().to(c.device), images.y
+    g = torch.Generator().manual_seed(c.seed * 1000 + epoch)
+    steps = EARLY_STOP_STEPS
+    x_adv = pgd(model, x, y.to(c.device), norm=c.adversarial, eps=c.eps, steps=steps, step_size=2.5 * c.eps / steps,
+                random_start=True, generator=g)
+    with torch.no_grad():
+        return float((model(x_adv).argmax(1).cpu() == y).double().mean())
+
+
+def _same_run(saved_key: str | None, c: TrainConfig) -> bool:
+    """Whether a checkpoint's config key describes run ``c``. Settings added to TrainConfig after the
+    checkpoint was written match when ``c`` leaves them at their defaults (which reproduce the old runs)."""
+    if saved_key is None:
+        return False
+    saved, now = json.loads(saved_key), json.loads(_config_key(c))
+    defaults = asdict(TrainConfig())
+    return all(saved[k] == v if k in saved else v == defaults[k] for k, v in now.items()) and saved.keys() <= now.keys()
+
+
 def _config_key(c: TrainConfig) -> str:
     """What must match for a checkpoint to be resumed (not the output path or device)."""
     d = asdict(c)
-    for k in ("device", "out", "command", "data_root", "checkpoint_every", "eval_steps", "eval_n", "eval_eps"):
+    for k in ("device", "out", "command", "data_root", "checkpoint_every", "eval_steps", "eval_n", "eval_eps",
+              "strong_n"):
         d.pop(k)
     return json.dumps(d, sort_keys=True)
