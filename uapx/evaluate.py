@@ -71,6 +71,10 @@ class UAPEvaluation:
     def best(self) -> SignEffect:
         return self.plus if self.sign > 0 else self.minus
 
+    def __repr__(self) -> str:
+        return (f"UAPEvaluation({self.name!r}, eps={self.eps:g}, fooling_rate={self.best.fooling_rate:.1%}, "
+                f"accuracy={self.best.accuracy:.1%}, sign={'+' if self.sign > 0 else '-'})")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fooling_rate"] = self.best.fooling_rate

@@ -50,6 +50,10 @@ class UAP:
     meta: dict = field(default_factory=dict)
     tag: str = ""  # the direction's tag within its method, e.g. "v1"
 
+    def __repr__(self) -> str:
+        cls = "" if self.source_class is None else f", source_class={self.source_class}"
+        return f"UAP({self.name!r}, shape={tuple(self.vector.shape)}, eps={self.eps:g}{cls})"
+
 
 def singular_directions(res) -> list[Direction]:
     """Directions ``v1, v2, ...`` (signless) from a :class:`uapx.linalg.TopSVD`, with each one's

@@ -78,6 +78,12 @@ class PerturbationSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def __repr__(self) -> str:
+        where = "in memory" if self.deltas is not None else f"on disk, {len(self.files or [])} chunk file(s)"
+        model = f", model={self.model_id!r}" if self.model_id else ""
+        return (f"PerturbationSet(n={len(self)}, shape={tuple(self.shape)}, norm={self.norm!r}, "
+                f"eps={self.eps:g}{model}, {where})")
+
     @property
     def d(self) -> int:
         return int(torch.Size(self.shape).numel())

@@ -129,9 +129,15 @@ class Analysis:
 
 @dataclass
 class AnalyzeResult:
+    """What :func:`analyze` returns: the report folder, ``report.json`` as a dict, the analysis."""
+
     out: Path
     report: dict
     analysis: Analysis
+
+    def __repr__(self) -> str:
+        return (f"AnalyzeResult(out={str(self.out)!r}, {len(self.analysis.uaps)} UAPs, "
+                f"diagnostics={sorted(self.report.get('diagnostics', {}))})")
 
 
 def _instantiate(cls: type, settings: dict) -> Any:
