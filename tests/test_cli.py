@@ -77,10 +77,14 @@ def test_existing_report_is_refused_without_overwrite(small_report, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--eps", "0"], "eps must be a positive"),
-    (["--eps", "-1"], "eps must be a positive"),
-    (["--steps", "0"], "steps must be"),
-    (["--step-size", "0"], "step size must be positive"),
+    (["--eps", "0"], "--eps: must be a positive"),
+    (["--eps", "-1"], "--eps: must be a positive"),
+    (["--eps", "inf"], "--eps: must be a positive finite"),
+    (["--steps", "0"], "--steps: must be >= 1"),
+    (["--step-size", "0"], "--step-size: must be a positive"),
+    (["--k", "abc"], "--k: expected a whole number, got 'abc'"),
+    (["--random-draws", "0"], "--random-draws: must be >= 1"),
+    (["--device", "tpu:0"], "unknown device 'tpu:0'"),
     (["--plugins", "svd,bogus"], "unknown plugin 'bogus'"),
     (["--attack", "bogus"], "unknown attack 'bogus'"),
     (["--n-samples", "20000"], "--n-samples 20000 is out of range"),

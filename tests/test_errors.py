@@ -40,11 +40,11 @@ def make_case(name: str, tmp_path, monkeypatch):
         torch.save(build("resnet-small").state_dict(), p)
         return ["analyze", "--model", str(p), "--arch", "mnist-cnn"], "does not fit"
     if name == "eps <= 0":
-        return ["analyze", "--eps", "-0.5"], "--eps > 0"
+        return ["analyze", "--eps", "-0.5"], "--eps: must be a positive"
     if name == "steps < 1":
-        return ["analyze", "--steps", "0"], "--steps 1 or more"
+        return ["analyze", "--steps", "0"], "--steps: must be >= 1"
     if name == "step size <= 0":
-        return ["analyze", "--step-size", "-1"], "--step-size > 0"
+        return ["analyze", "--step-size", "-1"], "--step-size: must be a positive"
     if name == "NaN arising in gradients":
         p = tmp_path / "nan.pt"
         torch.jit.script(NaNNet()).save(str(p))

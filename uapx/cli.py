@@ -7,129 +7,201 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import sys
 from typing import Sequence
 
+from . import argtypes
 from .errors import EXIT_INTERRUPTED, UapxError
 
 
-def _add_common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "cifar10"], help="data set (default: mnist)")
-    p.add_argument("--data-root", default=None,
-                   help="folder holding the data (default: $UAPX_DATA_ROOT, then ~/.cache/uapx/data; "
-                        "the MNIST test split is embedded)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+class _Parser(argparse.ArgumentParser):
+    """argparse with uapx's error format: a :class:`UapxError` instead of usage and exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        what, _, fix = message.partition("; fix: ")
+        raise UapxError(what, fix or f"see '{self.prog} --help'")
 
 
-def _count_or_all(text: str) -> int | None:
-    if text == "all":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {text!r}") from None
+def _default(owner, name: str):
+    """The default of field ``name`` of dataclass ``owner``, or of parameter ``name`` of function ``owner``."""
+    if dataclasses.is_dataclass(owner):
+        f = {f.name: f for f in dataclasses.fields(owner)}[name]
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    default = inspect.signature(owner).parameters[name].default
+    return None if default is inspect.Parameter.empty else default
 
 
-def _add_attack_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="zoo:<name> or a checkpoint path (default: zoo:<dataset>-natural)")
-    p.add_argument("--arch", default=None, help="architecture of a plain state_dict checkpoint")
-    p.add_argument("--split", default="test", choices=["train", "test"], help="data split (default: test)")
-    p.add_argument("--attack", default="pgd-l2", help="attack plugin (default: pgd-l2)")
-    p.add_argument("--eps", type=float, default=None, help="L2 budget (default: 2.0 MNIST, 0.5 CIFAR-10)")
-    p.add_argument("--steps", type=int, default=20, help="PGD steps (default: 20)")
-    p.add_argument("--step-size", type=float, default=None, help="PGD step size (default: 2.5*eps/steps)")
-    p.add_argument("--n-samples", type=_count_or_all, default=1000,
-                   help="images to attack, a seeded random subset, or 'all' (default: 1000; attack: all)")
-    p.add_argument("--batch-size", type=int, default=250, help="attack batch size (default: 250)")
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return "all" if value is None else str(value)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _opt(p: argparse.ArgumentParser, owner, name: str, help: str, *, flag: str | None = None,
+         shown: str | None = None, **kw) -> None:
+    """Add ``--name`` (``dest=name``) taking its default from ``owner`` (see :func:`_default`); the
+    help ends with the default (``shown`` says it in words where it is None or computed)."""
+    default = _default(owner, name)
+    if kw.get("action") == "store_true":
+        shown = shown or "off"
+    p.add_argument(flag or "--" + name.replace("_", "-"), dest=name, default=default,
+                   help=f"{help} (default: {shown or _shown(default)})", **kw)
+
+
+def _plugin_opt(p: argparse.ArgumentParser, dest: str) -> None:
+    p.add_argument("-p", dest=dest, action="append", default=[], metavar="no:NAME",
+                   help="disable the plugin (entry point) NAME, e.g. -p no:average; repeatable (before or "
+                        "after the subcommand)")
+
+
+def _installed_names() -> tuple[list[str], list[str]]:
+    """(zoo model names, attack plugin names) for the help texts."""
+    from .models import zoo
+    from .registry import Registry
+
+    reg = Registry().load_entrypoints()
+    return zoo.names(), sorted(c.name for c in reg.components.values() if c.kind == "attack")
+
+
+def _add_common_model_args(p: argparse.ArgumentParser, owner) -> None:
+    from .data import DATASETS
+
+    _opt(p, owner, "dataset", "data set", choices=list(DATASETS))
+    _opt(p, owner, "data_root", "folder holding the data", type=argtypes.input_path, metavar="DIR",
+         shown="$UAPX_DATA_ROOT, then ~/.cache/uapx/data; the MNIST test split is embedded")
+    _opt(p, owner, "device", "torch device: cpu, cuda or cuda:N", type=argtypes.device)
+    _opt(p, owner, "seed", "random seed of every draw", type=int)
+
+
+def _add_model_args(p: argparse.ArgumentParser, owner, zoo_names: list[str]) -> None:
+    from .models import ARCHITECTURES
+
+    models = ", ".join(f"zoo:{n}" for n in zoo_names) or "none installed"
+    _opt(p, owner, "model", f"the model: zoo:NAME ({models}) or a checkpoint path", type=argtypes.input_path,
+         shown="zoo:<dataset>-natural")
+    _opt(p, owner, "arch", "architecture of a plain state_dict checkpoint", choices=list(ARCHITECTURES),
+         shown="read from the checkpoint")
+    _opt(p, owner, "split", "data split", choices=["train", "test"])
+
+
+def _add_attack_args(p: argparse.ArgumentParser, attacks: list[str]) -> None:
+    from .pipeline import AnalyzeConfig as A
+
+    _opt(p, A, "attack", f"attack plugin ({', '.join(attacks) or 'see uapx plugins'})")
+    _opt(p, A, "eps", "perturbation budget (norm of the attack)", type=argtypes.positive,
+         shown="2.0 for MNIST, 0.5 for CIFAR-10")
+    _opt(p, A, "steps", "PGD steps", type=argtypes.whole(1))
+    _opt(p, A, "step_size", "PGD step size", type=argtypes.positive, shown="2.5*eps/steps")
+    _opt(p, A, "n_samples", "images to attack, a seeded random subset, or 'all'", type=argtypes.count_or_all)
+    _opt(p, A, "batch_size", "attack batch size", type=argtypes.whole(1))
+
+
+def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
+    """The parser; ``installed=False`` leaves the zoo and plugin names out of the help (no plugin loading)."""
     from . import __version__
+    from .pipeline import AnalyzeConfig, apply_uaps, attack_dataset
+    from .reproduce import ReproduceConfig
+    from .train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="uapx", description="Universal adversarial perturbations for "
-                                     "studying adversarial training.")
+    zoo_names, attacks = _installed_names() if installed else ([], [])
+    parser = _Parser(prog="uapx", description="Universal adversarial perturbations for "
+                     "studying adversarial training.")
     parser.add_argument("--version", action="version", version=f"uapx {__version__}")
-    parser.add_argument("-p", dest="plugin_opts", action="append", default=[], metavar="no:NAME",
-                        help="disable the plugin (entry point) NAME, e.g. -p no:average")
+    _plugin_opt(parser, "plugin_opts")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    A = AnalyzeConfig
     a = sub.add_parser("analyze", help="attack, build UAPs, run diagnostics, write a report")
-    _add_common_model_args(a)
-    _add_attack_args(a)
-    a.add_argument("--plugins", default="average,svd",
-                   help="comma-separated UAP methods and diagnostics (default: average,svd; see 'uapx plugins')")
-    a.add_argument("--k", type=int, default=5, help="directions per SVD-type method (default: 5)")
-    a.add_argument("--random-draws", type=int, default=5,
-                   help="random directions drawn for the baseline (default: 5)")
-    a.add_argument("--trajectory-samples", type=int, default=100,
-                   help="images whose PGD trajectories are recorded for trajectory diagnostics (default: 100)")
+    _add_common_model_args(a, A)
+    _add_model_args(a, A, zoo_names)
+    _add_attack_args(a, attacks)
+    _opt(a, A, "plugins", "comma-separated UAP methods and diagnostics (see 'uapx plugins')", type=argtypes.names)
+    _opt(a, A, "k", "directions per SVD-type method", type=argtypes.whole(1))
+    _opt(a, A, "random_draws", "random directions of the same norm drawn for the baseline", type=argtypes.whole(1))
+    _opt(a, A, "trajectory_samples", "images whose PGD trajectories are recorded for trajectory diagnostics",
+         type=argtypes.whole(1))
     a.add_argument("--set", dest="settings", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
-                   help="a plugin setting, e.g. --set svd.center=true --set average.normalize=true")
-    a.add_argument("--transfer", default="", metavar="MODEL[,MODEL...]",
-                   help="also apply the global UAPs to these models (zoo:NAME or checkpoint paths)")
-    a.add_argument("--out", default="uapx-report", help="report folder (default: ./uapx-report)")
-    a.add_argument("--overwrite", action="store_true", help="replace a report folder that already holds a run")
+                   help="a setting of a selected plugin, checked against its constructor, e.g. --set "
+                        "svd.center=true (repeatable; 'uapx plugins --settings' lists the keys)")
+    _opt(a, A, "transfer", "also apply the global UAPs to these models (zoo:NAME or checkpoint paths)",
+         type=argtypes.names, metavar="MODEL[,MODEL...]")
+    _opt(a, A, "out", "report folder", type=argtypes.output_path, metavar="DIR")
+    _opt(a, A, "overwrite", "replace a report folder that already holds a run", action="store_true")
 
     k = sub.add_parser("attack", help="perturb a data set with PGD and save the perturbation set (resumable)")
-    _add_common_model_args(k)
-    _add_attack_args(k)
-    k.set_defaults(n_samples=None)
-    k.add_argument("--chunk-size", type=int, default=4096, help="images per chunk file (default: 4096)")
-    k.add_argument("--out", required=True, help="perturbation set folder; the same command resumes it")
+    _add_common_model_args(k, A)
+    _add_model_args(k, A, zoo_names)
+    _add_attack_args(k, attacks)
+    k.set_defaults(n_samples=None)  # a saved set holds the whole split unless asked otherwise
+    k.add_argument("--chunk-size", type=argtypes.whole(1), default=_default(attack_dataset, "chunk_size"),
+                   help="images per chunk file (default: %(default)s)")
+    k.add_argument("--out", required=True, type=argtypes.output_path, metavar="DIR",
+                   help="perturbation set folder; the same command resumes it")
 
     ap = sub.add_parser("apply", help="apply saved UAPs (a report's uaps.pt) to a model and data set")
-    _add_common_model_args(ap)
-    ap.add_argument("uaps", help="UAP file, e.g. uapx-report/uaps.pt")
-    ap.add_argument("--model", default=None, help="zoo:<name> or a checkpoint path (default: zoo:<dataset>-natural)")
-    ap.add_argument("--arch", default=None, help="architecture of a plain state_dict checkpoint")
-    ap.add_argument("--split", default="test", choices=["train", "test"])
-    ap.add_argument("--n-samples", type=_count_or_all, default="all", help="images (default: all)")
-    ap.add_argument("--batch-size", type=int, default=500)
-    ap.add_argument("--random-draws", type=int, default=5)
-    ap.add_argument("--only", default="", help="comma-separated UAP names to apply (default: all)")
-    ap.add_argument("--out", default=None, help="write the results as JSON to this file")
+    _add_common_model_args(ap, apply_uaps)
+    _add_model_args(ap, apply_uaps, zoo_names)
+    ap.add_argument("uaps", type=argtypes.input_path, help="UAP file, e.g. uapx-report/uaps.pt")
+    _opt(ap, apply_uaps, "n_samples", "images, a seeded random subset, or 'all'", type=argtypes.count_or_all)
+    _opt(ap, apply_uaps, "batch_size", "evaluation batch size", type=argtypes.whole(1))
+    _opt(ap, apply_uaps, "draws", "random directions of the same norm drawn for the baseline",
+         flag="--random-draws", type=argtypes.whole(1))
+    _opt(ap, apply_uaps, "only", "comma-separated UAP names to apply", type=argtypes.names, shown="all")
+    _opt(ap, apply_uaps, "out", "write the results as JSON to this file", type=argtypes.output_path,
+         metavar="FILE", shown="print only")
 
+    T = TrainConfig
     t = sub.add_parser("train", help="train a natural or adversarially robust model")
-    _add_common_model_args(t)
-    t.add_argument("--arch", default=None, help="architecture (default: mnist-cnn / resnet-small)")
-    t.add_argument("--adversarial", default=None, choices=["l2", "linf"], help="adversarial training norm")
-    t.add_argument("--eps", type=float, default=2.0, help="training budget (default: 2.0)")
-    t.add_argument("--attack-steps", type=int, default=10, help="PGD steps while training (default: 10)")
-    t.add_argument("--attack-step-size", type=float, default=None, help="default 2.5*eps/steps")
-    t.add_argument("--eps-ramp-epochs", type=float, default=0.0,
-                   help="grow the training eps linearly to --eps over this many epochs (default: 0, no warm-up)")
-    t.add_argument("--early-stop", action="store_true",
-                   help="stop when the epoch-end PGD accuracy on 512 training images falls by > 20 points, "
-                        "keeping the previous epoch's weights (Wong et al. 2020, for single-step training)")
-    t.add_argument("--epochs", type=int, default=3)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--optimizer", default=None, choices=["adam", "sgd"])
-    t.add_argument("--checkpoint-every", type=int, default=200, help="batches between checkpoints")
-    t.add_argument("--eval-steps", type=int, default=40, help="PGD steps for the robust accuracy")
-    t.add_argument("--eval-eps", type=float, default=None, help="budget for the robust accuracy (default: eps)")
-    t.add_argument("--eval-n", type=int, default=None, help="test images for the robust accuracy (default: all)")
-    t.add_argument("--strong-n", type=_count_or_all, default=1000,
-                   help="seeded sample of test images for the 100-step, 5-restart PGD of the card "
-                        "(default: 1000; 'all' for all)")
-    t.add_argument("--out", required=True, help="output model file (the checkpoint is <out>.ckpt)")
+    _add_common_model_args(t, T)
+    from .models import ARCHITECTURES
 
+    _opt(t, T, "arch", "architecture", choices=list(ARCHITECTURES), shown="mnist-cnn for MNIST, resnet-small "
+         "for CIFAR-10")
+    _opt(t, T, "adversarial", "adversarial training norm", choices=["l2", "linf"], shown="natural training")
+    _opt(t, T, "eps", "training budget", type=argtypes.positive)
+    _opt(t, T, "attack_steps", "PGD steps while training", type=argtypes.whole(1))
+    _opt(t, T, "attack_step_size", "PGD step size while training", type=argtypes.positive, shown="2.5*eps/steps")
+    _opt(t, T, "eps_ramp_epochs", "grow the training eps linearly to --eps over this many epochs (0: no warm-up)",
+         type=argtypes.non_negative)
+    _opt(t, T, "early_stop", "stop when the epoch-end PGD accuracy on 512 training images falls by > 20 points, "
+         "keeping the previous epoch's weights (Wong et al. 2020, for single-step training)", action="store_true")
+    _opt(t, T, "epochs", "training epochs", type=argtypes.whole(1))
+    _opt(t, T, "batch_size", "training batch size", type=argtypes.whole(1))
+    _opt(t, T, "lr", "peak learning rate of the one-cycle schedule", type=argtypes.positive,
+         shown="0.1 with sgd, 1e-3 with adam")
+    _opt(t, T, "optimizer", "optimizer", choices=["adam", "sgd"], shown="adam for MNIST, sgd for CIFAR-10")
+    _opt(t, T, "checkpoint_every", "batches between checkpoints", type=argtypes.whole(1))
+    _opt(t, T, "eval_steps", "PGD steps for the robust accuracy", type=argtypes.whole(1))
+    _opt(t, T, "eval_eps", "budget for the robust accuracy", type=argtypes.positive, shown="--eps")
+    _opt(t, T, "eval_n", "test images for the robust accuracy, or 'all'", type=argtypes.count_or_all)
+    _opt(t, T, "strong_n", "seeded sample of test images for the 100-step, 5-restart PGD of the card, or 'all'",
+         type=argtypes.count_or_all)
+    t.add_argument("--out", required=True, type=argtypes.output_path, metavar="FILE",
+                   help="output model file (the checkpoint is <out>.ckpt)")
+
+    R = ReproduceConfig
     r = sub.add_parser("reproduce", help="the whole study: zoo models, real data, one report with the findings")
-    r.add_argument("--data-root", default=None, help="folder holding MNIST and CIFAR-10 (see 'analyze')")
-    r.add_argument("--n-samples", type=int, default=1000, help="test images per model (default: 1000)")
-    r.add_argument("--steps", type=int, default=20, help="PGD steps (default: 20)")
-    r.add_argument("--trajectory-samples", type=int, default=100, help="trajectories recorded per model")
-    r.add_argument("--batch-size", type=int, default=250)
-    r.add_argument("--datasets", default="mnist,cifar10", help="comma-separated (default: mnist,cifar10)")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", default="uapx-study", help="report folder (default: ./uapx-study)")
-    r.add_argument("--overwrite", action="store_true")
+    _opt(r, R, "data_root", "folder holding MNIST and CIFAR-10 (see 'analyze')", type=argtypes.input_path,
+         metavar="DIR", shown="$UAPX_DATA_ROOT, then ~/.cache/uapx/data")
+    _opt(r, R, "n_samples", "test images per model", type=argtypes.whole(1))
+    _opt(r, R, "steps", "PGD steps", type=argtypes.whole(1))
+    _opt(r, R, "trajectory_samples", "trajectories recorded per model", type=argtypes.whole(1))
+    _opt(r, R, "batch_size", "attack batch size", type=argtypes.whole(1))
+    _opt(r, R, "datasets", "comma-separated data sets of the study", type=argtypes.names)
+    _opt(r, R, "device", "torch device: cpu, cuda or cuda:N", type=argtypes.device)
+    _opt(r, R, "seed", "random seed of every draw", type=int)
+    _opt(r, R, "out", "report folder", type=argtypes.output_path, metavar="DIR")
+    _opt(r, R, "overwrite", "replace a report folder that already holds a study", action="store_true")
 
-    sub.add_parser("plugins", help="list the installed plugins and where they come from")
+    pl = sub.add_parser("plugins", help="list the installed plugins and where they come from")
+    pl.add_argument("--settings", action="store_true",
+                    help="list each plugin's --set keys with their defaults (default: off)")
+    sub.add_parser("zoo", help="list the zoo models with their model cards' accuracies")
     sub.add_parser("info", help="versions, device, kernel backend, loaded plugins")
+    for s in sub.choices.values():
+        _plugin_opt(s, "sub_plugin_opts")
     return parser
 
 
@@ -137,17 +209,34 @@ def _registry(args: argparse.Namespace):
     from .registry import Registry
 
     disabled = []
-    for opt in args.plugin_opts:
-        if not opt.startswith("no:"):
+    for opt in [*args.plugin_opts, *getattr(args, "sub_plugin_opts", [])]:
+        if not opt.startswith("no:") or not opt[3:]:
             raise UapxError(f"-p takes no:NAME, got {opt!r}", "write -p no:NAME to disable plugin NAME")
         disabled.append(opt[3:])
     return Registry(disabled=disabled).load_entrypoints()
 
 
+def _from_args(cls, args: argparse.Namespace, **extra):
+    """An instance of config dataclass ``cls`` from the options named like its fields."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**given, **extra})
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
+    from . import settings
+
     reg = _registry(args)
-    rows = [(c.name, c.kind, c.plugin.distribution, c.plugin.version, c.plugin.name, c.description)
-            for c in sorted(reg.components.values(), key=lambda c: (c.kind, c.name))]
+    comps = sorted(reg.components.values(), key=lambda c: (c.kind, c.name))
+    if args.settings:
+        for c in comps:
+            rows = settings.describe(c.cls)
+            print(f"{c.name} ({c.kind}): {len(rows)} setting{'s' * (len(rows) != 1)}")
+            for key, typ, default in rows:
+                if c.kind == "attack" and default == "(required)":  # given by the attack options
+                    default = f"--{key.replace('_', '-')}"
+                print(f"  --set {c.name}.{key}=...  {typ}; default {default}")
+        return 0
+    rows = [(c.name, c.kind, c.plugin.distribution, c.plugin.version, c.plugin.name, c.description) for c in comps]
     header = ("name", "kind", "distribution", "version", "plugin", "description")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
     for r in [header, *rows]:
@@ -157,6 +246,32 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"FAILED  plugin {rec.name!r} from {rec.distribution} {rec.version}: {rec.error}")
         elif rec.disabled:
             print(f"disabled  plugin {rec.name!r} from {rec.distribution} {rec.version}")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from .models import zoo
+
+    header = ("model", "data set", "architecture", "training", "clean acc.", "robust acc.", "under", "images")
+    rows = []
+    for name in zoo.names():
+        c = zoo.card(name)
+        ra = c.get("robust_attack", {})
+        under = f"{ra.get('steps', '?')}-step PGD-{str(ra.get('norm', '?')).upper()} eps {ra.get('eps', '?')}"
+        pct = (lambda v: f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "?")
+        rows.append((f"zoo:{name}", c.get("dataset", "?"), c.get("arch", "?"), c.get("training", "?"),
+                     pct(c.get("clean_accuracy")), pct(c.get("robust_accuracy")), under,
+                     str(ra.get("images", c.get("clean_eval_images", "?")))))
+        strong = c.get("strong_attack")
+        if isinstance(strong, dict) and "accuracy" in strong:
+            rows.append(("", "", "", "", "", pct(strong["accuracy"]), f"{strong.get('steps', '?')}-step PGD x "
+                         f"{strong.get('restarts', '?')} restarts", str(strong.get("images", "?"))))
+    if not rows:
+        print("no zoo models installed")
+        return 0
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
     return 0
 
 
@@ -171,34 +286,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    card = train(TrainConfig(dataset=args.dataset, arch=args.arch, adversarial=args.adversarial, eps=args.eps,
-                             attack_steps=args.attack_steps, attack_step_size=args.attack_step_size,
-                             eps_ramp_epochs=args.eps_ramp_epochs, early_stop=args.early_stop,
-                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                             seed=args.seed, data_root=args.data_root, device=args.device, out=args.out,
-                             checkpoint_every=args.checkpoint_every, eval_steps=args.eval_steps,
-                             eval_eps=args.eval_eps, eval_n=args.eval_n, strong_n=args.strong_n))
+    card = train(_from_args(TrainConfig, args))
     print(f"wrote {args.out}: clean accuracy {card['clean_accuracy']:.4f}, robust accuracy "
           f"{card['robust_accuracy']:.4f} ({card['robust_attack']['steps']}-step PGD-"
           f"{card['robust_attack']['norm'].upper()} at eps {card['robust_attack']['eps']})")
     return 0
 
 
-def _config(args: argparse.Namespace, **extra):
-    from .pipeline import AnalyzeConfig
-
-    return AnalyzeConfig(dataset=args.dataset, data_root=args.data_root, split=args.split, model=args.model,
-                         arch=args.arch, attack=args.attack, eps=args.eps, steps=args.steps,
-                         step_size=args.step_size, n_samples=args.n_samples, batch_size=args.batch_size,
-                         device=args.device, seed=args.seed, out=args.out, **extra)
-
-
 def cmd_attack(args: argparse.Namespace) -> int:
-    from .pipeline import attack_dataset
+    from .pipeline import AnalyzeConfig, attack_dataset
 
-    if args.chunk_size < 1:
-        raise UapxError(f"--chunk-size must be >= 1, got {args.chunk_size}", "pass --chunk-size 1 or more")
-    pset = attack_dataset(_config(args), chunk_size=args.chunk_size, registry=_registry(args))
+    pset = attack_dataset(_from_args(AnalyzeConfig, args), chunk_size=args.chunk_size, registry=_registry(args))
     print(f"wrote {len(pset)} perturbations (d = {pset.d}) to {args.out}")
     return 0
 
@@ -206,11 +304,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from .pipeline import apply_uaps
 
-    only = [n.strip() for n in args.only.split(",") if n.strip()]
-    res = apply_uaps(args.uaps, model=args.model or f"zoo:{args.dataset}-natural", dataset=args.dataset,
-                     data_root=args.data_root, split=args.split, n_samples=args.n_samples, arch=args.arch,
-                     batch_size=args.batch_size, draws=args.random_draws, seed=args.seed, device=args.device,
-                     only=only, out=args.out)
+    names = set(inspect.signature(apply_uaps).parameters) - {"path"}
+    kwargs = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    kwargs["model"] = args.model or f"zoo:{args.dataset}-natural"
+    res = apply_uaps(args.uaps, **kwargs)
     print(f"{'uap':<28} {'eps':>6} {'fooling':>8} {'accuracy':>8} sign")
     for name, ev in res["evaluations"].items():
         print(f"{name:<28} {ev['eps']:>6g} {ev['fooling_rate']:>8.4f} {ev['accuracy']:>8.4f} {ev['sign']:+d}")
@@ -223,25 +320,22 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import STUDY, ReproduceConfig, reproduce
 
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    unknown = [d for d in datasets if d not in STUDY]
-    if unknown:
-        raise UapxError(f"unknown data set {unknown[0]!r} in --datasets", f"choose from: {', '.join(STUDY)}")
-    out = reproduce(ReproduceConfig(data_root=args.data_root, n_samples=args.n_samples, steps=args.steps,
-                                    trajectory_samples=args.trajectory_samples, batch_size=args.batch_size,
-                                    device=args.device, seed=args.seed, out=args.out, overwrite=args.overwrite,
-                                    datasets=datasets), registry=_registry(args))
+    unknown = [d for d in args.datasets if d not in STUDY]
+    if unknown or not args.datasets:
+        raise UapxError(f"unknown data set {unknown[0]!r} in --datasets" if unknown else "--datasets is empty",
+                        f"choose from: {', '.join(STUDY)}")
+    out = reproduce(_from_args(ReproduceConfig, args), registry=_registry(args))
     print(f"study report written to {out}/index.html")
     return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .pipeline import analyze
+    from .pipeline import AnalyzeConfig, analyze
 
-    plugins = [p.strip() for p in args.plugins.split(",") if p.strip()]
-    cfg = _config(args, plugins=plugins, plugin_settings=parse_settings(args.settings), k=args.k,
-                  random_draws=args.random_draws, overwrite=args.overwrite,
-                  trajectory_samples=args.trajectory_samples, transfer=[m.strip() for m in args.transfer.split(",") if m.strip()])
+    if not args.plugins:
+        raise UapxError("--plugins names no plugin", "name at least one, e.g. --plugins average,svd "
+                        "(see 'uapx plugins')")
+    cfg = _from_args(AnalyzeConfig, args, plugin_settings=parse_settings(args.settings))
     result = analyze(cfg, registry=_registry(args))
     from . import distributed
 
@@ -251,34 +345,35 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def parse_settings(items: list[str]) -> dict[str, dict]:
-    """``["svd.k=10", "average.normalize=true"]`` -> ``{"svd": {"k": 10}, "average": {...}}``."""
-    import json
-
+    """``["svd.k=10", "average.normalize=true"]`` -> ``{"svd": {"k": "10"}, "average": {...}}``; the
+    values stay text: :func:`uapx.settings.convert` converts them to the types the plugin declares."""
     out: dict[str, dict] = {}
     for item in items:
         key, sep, value = item.partition("=")
         plugin, dot, name = key.partition(".")
         if not sep or not dot or not plugin or not name:
             raise UapxError(f"--set {item!r} is not PLUGIN.KEY=VALUE", "write e.g. --set svd.center=true")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        out.setdefault(plugin, {})[name] = parsed
+        out.setdefault(plugin, {})[name] = value
     return out
 
 
-COMMANDS = {"reproduce": cmd_reproduce, "analyze": cmd_analyze, "attack": cmd_attack, "apply": cmd_apply, "train": cmd_train, "plugins": cmd_plugins, "info": cmd_info}
+COMMANDS = {"reproduce": cmd_reproduce, "analyze": cmd_analyze, "attack": cmd_attack, "apply": cmd_apply,
+            "train": cmd_train, "plugins": cmd_plugins, "zoo": cmd_zoo, "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI in-process; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        # the zoo and plugin names are loaded for the help text only
+        parser = build_parser(installed=any(a in ("-h", "--help") for a in argv))
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, --version
+            return int(exc.code or 0)
+        if args.command is None:
+            parser.print_help()
+            return 0
         return COMMANDS[args.command](args)
     except UapxError as exc:
         print(f"uapx: error: {exc}", file=sys.stderr)

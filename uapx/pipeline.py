@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data, distributed, info, models, plots
+from . import settings as plugin_settings
 from .attacks import Trajectory, check_budget
 from .errors import EXIT_PLUGIN, UapxError
 from .evaluate import UAPEvaluation, evaluate_many, random_baseline
@@ -50,6 +51,8 @@ class AnalyzeConfig:
     trajectory_samples: int = 100
     transfer: list[str] = field(default_factory=list)  # other models to apply the global UAPs to
     device: str = "cpu"
+    eval_precision: str = "auto"  # UAP evaluation: auto (bfloat16 where it agrees with float32), float32, bfloat16
+    compile: bool = False  # evaluate through torch.compile (eager with one warning where it fails)
     seed: int = 0
     out: str = "uapx-report"
     overwrite: bool = False
@@ -140,11 +143,12 @@ class AnalyzeResult:
                 f"diagnostics={sorted(self.report.get('diagnostics', {}))})")
 
 
-def _instantiate(cls: type, settings: dict) -> Any:
-    """Build a plugin object, passing only the settings its constructor accepts."""
-    params = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in settings.items() if takes_any or k in params}
+def _instantiate(cls: type, settings: dict, offered: dict | None = None) -> Any:
+    """Build a plugin object from the user's ``settings`` (checked and converted by
+    :func:`uapx.settings.convert`) over the run's ``offered`` ones (e.g. ``k``), passed where accepted."""
+    params = plugin_settings.parameters(cls)
+    kwargs = {k: v for k, v in (offered or {}).items() if k in params or plugin_settings.takes_any(cls)}
+    kwargs.update(plugin_settings.convert(cls.name, cls, settings))
     try:
         return cls(**kwargs)
     except UapxError:
@@ -219,8 +223,8 @@ def setup(c: AnalyzeConfig, reg: Registry) -> Setup:
     torch.manual_seed(c.seed)
     images = data.load(c.dataset, c.split, c.data_root).subset(c.n_samples, seed=c.seed)
     model, card = models.load_with_card(c.model, device=c.device, arch=c.arch)
-    attack = _instantiate(attack_comp.cls, {"eps": c.eps, "steps": c.steps, "step_size": c.step_size,
-                                            **c.plugin_settings.get(c.attack, {})})
+    attack = _instantiate(attack_comp.cls, c.plugin_settings.get(c.attack, {}),
+                          {"eps": c.eps, "steps": c.steps, "step_size": c.step_size})
     meta = {"shape": tuple(images.shape), "eps": c.eps, "norm": attack.norm, "model_id": c.model,
             "attack": {"name": c.attack, **attack.settings()}}
     return Setup(images, model, card, attack, meta)
@@ -261,7 +265,8 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     reg = registry or get_registry()
     c = config.resolved()
     components = reg.check_names(c.plugins)  # before any work
-    reg.get(c.attack, "attack")  # unknown names fail before any work
+    attack_comp = reg.get(c.attack, "attack")  # unknown names fail before any work
+    plugin_settings.check_run(c.plugin_settings, [attack_comp, *components])
     if distributed.init_from_env(c.device):  # every built-in reduces across ranks; others must say they do
         unsupported = [comp.name for comp in components if not getattr(comp.cls, "supports_distributed", False)]
         if unsupported:
@@ -289,11 +294,11 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     methods = [comp for comp in components if comp.kind == "method"]
     method_data = MethodData(model, x, y, c.device, c.batch_size, c.seed)
     for comp in methods:
-        method = _instantiate(comp.cls, {"k": c.k, **c.plugin_settings.get(comp.name, {})})
+        method = _instantiate(comp.cls, c.plugin_settings.get(comp.name, {}), {"k": c.k})
         analysis.uaps += _run_plugin(comp.name, lambda: method(pset, c.eps, data=method_data))
     evals, extra = evaluate_many(model, x, y_all, analysis.uaps, num_classes=analysis.num_classes,
                                  draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device,
-                                 clean_pred=clean_pred)
+                                 clean_pred=clean_pred, precision=c.eval_precision, compile=c.compile)
     analysis.evaluations.update(evals)
     baseline = extra["random_baseline"].get(f"{c.eps:g}") or random_baseline(
         model, x, y_all, c.eps, clean_pred=clean_pred, num_classes=analysis.num_classes, draws=c.random_draws,
@@ -304,7 +309,7 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
         other = models.load(spec, device=c.device)
         t_evals, t_extra = evaluate_many(other, x, y_all, global_uaps, num_classes=analysis.num_classes,
                                          draws=c.random_draws, seed=c.seed, batch_size=c.batch_size,
-                                         device=c.device)
+                                         device=c.device, precision=c.eval_precision, compile=c.compile)
         transfer[spec] = {**t_extra, "evaluations": {k: v.to_dict() for k, v in t_evals.items()}}
     timing["uap_methods"] = time.perf_counter() - t
 
@@ -343,6 +348,7 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
         "attack": {"plugin": repr(attack), **attack_fig},
         "uaps": {
             "random_baseline": baseline,
+            "evaluation": extra["evaluation"],
             "evaluations": {name: ev.to_dict() for name, ev in analysis.evaluations.items()},
             **({"transfer": transfer} if transfer else {}),
         },
@@ -373,7 +379,8 @@ def _run_plugin(name: str, fn):
 
 def apply_uaps(path: str, *, model: str, dataset: str = "mnist", data_root: str | None = None, split: str = "test",
                n_samples: int | None = None, arch: str | None = None, batch_size: int = 500, draws: int = 5,
-               seed: int = 0, device: str = "cpu", only: list[str] | None = None, out: str | None = None) -> dict:
+               seed: int = 0, device: str = "cpu", only: list[str] | None = None, out: str | None = None,
+               precision: str = "auto") -> dict:
     """``uapx apply``: evaluate saved UAPs on any model and data set (JSON-ready results)."""
     from . import atomic
     from .methods import load_uaps
@@ -395,7 +402,7 @@ def apply_uaps(path: str, *, model: str, dataset: str = "mnist", data_root: str 
     shard = images.take(distributed.shard(len(images)))  # all of them in one process
     y_all = distributed.all_gather_rows(shard.y)  # predict() gathers every rank's predictions
     evals, extra = evaluate_many(net, shard.images(), y_all, uaps, num_classes=len(images.classes), draws=draws,
-                                 seed=seed, batch_size=batch_size, device=device)
+                                 seed=seed, batch_size=batch_size, device=device, precision=precision)
     res = {"uaps": str(path), "model": model, "dataset": dataset, "split": split, "n_images": len(images),
            **extra, "evaluations": {k: v.to_dict() for k, v in evals.items()}}
     if out and distributed.is_main():

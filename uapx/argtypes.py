@@ -1,0 +1,152 @@
+"""Checked conversions for command-line values: each one turns text into a value or refuses it
+with ``argparse.ArgumentTypeError("<what>; fix: <how>")``, before any work starts.
+
+The CLI's parser prints a refusal as one line, ``uapx: error: argument --x: <what>; fix: <how>``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+TMP_SUFFIX_LEN = len(".") + len(".tmp-") + 12  # what uapx.atomic adds to a name for its temporary copy
+PATH_MAX = 4096
+
+
+def _refuse(what: str, fix: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(f"{what}; fix: {fix}")
+
+
+def whole(low: int = 1) -> Callable[[str], int]:
+    """A whole number ``>= low``."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise _refuse(f"expected a whole number, got {text!r}", f"pass a whole number >= {low}") from None
+        if value < low:
+            raise _refuse(f"must be >= {low}, got {value}", f"pass {low} or more")
+        return value
+
+    convert.__name__ = f"whole number >= {low}"
+    return convert
+
+
+def count_or_all(text: str) -> int | None:
+    """A whole number >= 1, or ``all`` (None)."""
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise _refuse(f"expected a whole number or 'all', got {text!r}", "pass e.g. 1000 or all") from None
+    if value < 1:
+        raise _refuse(f"must be >= 1 or 'all', got {value}", "pass 1 or more, or all")
+    return value
+
+
+def positive(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise _refuse(f"expected a number, got {text!r}", "pass a positive number, e.g. 0.5") from None
+    if not (value > 0) or not math.isfinite(value):
+        raise _refuse(f"must be a positive finite number, got {text}", "pass a number > 0, e.g. 0.5")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise _refuse(f"expected a number, got {text!r}", "pass a number >= 0") from None
+    if not (value >= 0) or not math.isfinite(value):
+        raise _refuse(f"must be a finite number >= 0, got {text}", "pass a number >= 0")
+    return value
+
+
+def names(text: str) -> list[str]:
+    """A comma-separated list of names (empty items dropped)."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def device(text: str) -> str:
+    """A torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise _refuse(f"unknown device {text!r}", "pass cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise _refuse(f"device {text!r} requested but CUDA is not available", "pass --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise _refuse(f"device {text!r} does not exist ({torch.cuda.device_count()} CUDA devices)",
+                          f"pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        backend = getattr(torch.backends, dev.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise _refuse(f"device {text!r} is not available in this torch build", "pass --device cpu or cuda")
+    return text
+
+
+def _check_path_text(text: str, fix: str) -> Path:
+    """Refuse a path the file system cannot hold: not encodable, a NUL byte, a name or a whole path
+    too long (``NAME_MAX`` of the nearest existing folder, ``PATH_MAX``)."""
+    if "\0" in text:
+        raise _refuse(f"path {text!r} contains a NUL byte", fix)
+    try:
+        encoded = os.fsencode(text)
+    except UnicodeError:
+        raise _refuse(f"path {text!r} cannot be encoded for this file system", fix) from None
+    if len(encoded) >= PATH_MAX:
+        raise _refuse(f"path '{text[:40]}...' is too long ({len(encoded)} bytes; the limit is {PATH_MAX})", fix)
+    path = Path(text).expanduser()
+    limit = _name_max(path)
+    for part in path.parts:
+        if len(os.fsencode(part)) > limit:
+            raise _refuse(f"name '{part[:40]}...' in path is too long ({len(os.fsencode(part))} bytes; the "
+                          f"file system allows {limit})", fix)
+    return path
+
+
+def _name_max(path: Path) -> int:
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return int(os.pathconf(probe, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def input_path(text: str) -> str:
+    """A path to read (data root, checkpoint, UAP file): encodable and not too long."""
+    _check_path_text(text, "pass a shorter path made of ordinary characters")
+    return text
+
+
+def output_path(text: str) -> str:
+    """A path uapx will write: encodable, its name short enough for uapx's temporary copy beside it,
+    and no regular file where a folder of it must be."""
+    fix = "pass an --out with a shorter name made of ordinary characters"
+    path = _check_path_text(text, fix)
+    limit = _name_max(path)
+    name = os.fsencode(path.name)
+    if len(name) + TMP_SUFFIX_LEN > limit:
+        raise _refuse(f"output name '{path.name[:40]}...' is too long ({len(name)} bytes; uapx writes "
+                      f"'.<name>.tmp-*' beside it, and the file system allows {limit})",
+                      f"pass an --out whose last part has at most {limit - TMP_SUFFIX_LEN} bytes")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise _refuse(f"cannot write {text!r}: {str(parent)!r} is a file, not a folder",
+                              "pass an --out in a folder")
+            break
+    return text
