@@ -124,7 +124,8 @@ def card_entry(model: nn.Module, test_set: data.ImageSet, card: dict, *, n: int 
     k = round(strong * len(images))
     return {"norm": norm, "eps": eps, "steps": steps, "restarts": restarts, "step_size": 2.5 * eps / steps,
             "random_start": True, "images": len(images),
-            "sample": "all test images" if n is None else f"seeded random sample (uapx.data.ImageSet.subset, seed {seed})",
+            "sample": ("all test images" if n is None
+                       else f"seeded random sample (uapx.data.ImageSet.subset, seed {seed})"),
             "accuracy": strong, "accuracy_95ci": wilson(k, len(images)),
             "weak_attack_accuracy_same_images": weak,
             "weak_attack": {k2: atk[k2] for k2 in ("norm", "eps", "steps", "step_size", "random_start")},

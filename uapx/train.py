@@ -197,7 +197,8 @@ def train(config: TrainConfig) -> dict:
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            seen, loss_sum, hits = seen + len(y), loss_sum + loss.item() * len(y), hits + int((logits.argmax(1) == y).sum())
+            seen, loss_sum = seen + len(y), loss_sum + loss.item() * len(y)
+            hits += int((logits.argmax(1) == y).sum())
             if (b + 1) % c.checkpoint_every == 0 and b + 1 < steps_per_epoch:
                 checkpoint(epoch, b + 1)
         epoch, step = epoch + 1, 0
