@@ -165,6 +165,9 @@ class Attack:
 
     def __init__(self, *, eps: float, steps: int, step_size: float, random_start: bool = False) -> None:
         check_budget(eps, steps, step_size)
+        from .defaults import check_eps
+
+        check_eps(self.norm, float(eps))
         self.eps, self.steps, self.step_size, self.random_start = float(eps), int(steps), float(step_size), random_start
 
     def settings(self) -> dict:

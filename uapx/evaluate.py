@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import distributed
 from .methods import UAP
@@ -90,8 +91,14 @@ def evaluate_uap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uap: UAP, *
     others the +v effect is the UAP's effect and -v is reported beside it.
     """
     v = uap.vector.reshape(x.shape[1:])
-    effects = [SignEffect.measure(predict(model, x, batch_size=batch_size, device=device, v=s * v),
-                                  clean_pred, y, num_classes) for s in (1.0, -1.0)]
+    preds = [predict(model, x, batch_size=batch_size, device=device, v=s * v) for s in (1.0, -1.0)]
+    return uap_evaluation(uap, preds[0], preds[1], clean_pred=clean_pred, y=y, num_classes=num_classes)
+
+
+def uap_evaluation(uap: UAP, pred_plus: torch.Tensor, pred_minus: torch.Tensor, *, clean_pred: torch.Tensor,
+                   y: torch.Tensor, num_classes: int) -> UAPEvaluation:
+    """The :class:`UAPEvaluation` of ``uap`` from the predictions ``(N,)`` under +v and -v."""
+    effects = [SignEffect.measure(p, clean_pred, y, num_classes) for p in (pred_plus, pred_minus)]
     sign = -1 if uap.signless and effects[1].fooling_rate > effects[0].fooling_rate else 1
     ev = UAPEvaluation(uap.name, uap.eps, effects[0], effects[1], sign, uap.source_class, uap.method,
                        meta=dict(uap.meta))
@@ -111,13 +118,24 @@ def random_baseline(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
 
     Returns mean, standard deviation, min and max over ``draws`` directions.
     """
+    vs = random_directions(x.shape[1:], eps, draws=draws, seed=seed)
+    preds = [predict(model, x, batch_size=batch_size, device=device, v=v) for v in vs]
+    return baseline_stats(eps, preds, clean_pred=clean_pred, y=y, num_classes=num_classes)
+
+
+def random_directions(shape: tuple[int, ...] | torch.Size, eps: float, *, draws: int, seed: int) -> torch.Tensor:
+    """``(draws, *shape)`` Gaussian directions scaled to L2 norm ``eps`` (the same draws for every eps)."""
     g = torch.Generator().manual_seed(seed)
+    vs = [torch.randn(shape, generator=g) for _ in range(draws)]
+    return torch.stack([v * (eps / v.norm()) for v in vs]) if vs else torch.empty(0, *shape)
+
+
+def baseline_stats(eps: float, preds: list[torch.Tensor] | torch.Tensor, *, clean_pred: torch.Tensor,
+                   y: torch.Tensor, num_classes: int) -> dict:
+    """Mean, sd, min and max fooling rate and accuracy over the predictions ``(N,)`` of each draw."""
     fool, acc = [], []
-    for _ in range(draws):
-        v = torch.randn(x.shape[1:], generator=g)
-        v = v * (eps / v.norm())
-        eff = SignEffect.measure(predict(model, x, batch_size=batch_size, device=device, v=v), clean_pred, y,
-                                 num_classes)
+    for p in preds:
+        eff = SignEffect.measure(p, clean_pred, y, num_classes)
         fool.append(eff.fooling_rate)
         acc.append(eff.accuracy)
 
@@ -126,21 +144,73 @@ def random_baseline(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
         sd = math.sqrt(sum((a - m) ** 2 for a in vals) / max(len(vals) - 1, 1))
         return {"mean": m, "std": sd, "min": min(vals), "max": max(vals)}
 
-    return {"eps": eps, "draws": draws, "fooling_rate": stats(fool), "accuracy": stats(acc)}
+    return {"eps": eps, "draws": len(fool), "fooling_rate": stats(fool), "accuracy": stats(acc)}
 
 
 def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list[UAP], *, num_classes: int,
                   draws: int = 5, seed: int = 0, batch_size: int = 500, device: str = "cpu",
-                  clean_pred: torch.Tensor | None = None) -> tuple[dict[str, UAPEvaluation], dict]:
+                  clean_pred: torch.Tensor | None = None, precision: str = "float32", compile: bool = False,
+                  progress: bool = True) -> tuple[dict[str, UAPEvaluation], dict]:
     """Evaluate every UAP on ``(x, y)`` and the random baseline at each eps they use.
 
-    Returns ``(evaluations by UAP name, {"clean_accuracy", "random_baseline": {eps: baseline}})``.
+    Every perturbation (+v and -v of each UAP, the random draws) goes through one batched
+    :func:`uapx.inference.predict_many` (many perturbations per forward pass, channels-last,
+    inference mode); the clean predictions are computed once (or passed in).  ``precision``:
+    ``"float32"`` (eager float32 numbers), ``"bfloat16"`` or ``"auto"``: bfloat16 autocast where
+    the device supports it *and* its predictions agree with float32 on at least 99.9 % of the
+    clean images and of the first UAP's +v and -v images (computed in both), else float32
+    (``"bfloat16"`` warns when it falls back).  ``batch_size`` is only used for the clean
+    predictions when they are not given.
+
+    Returns ``(evaluations by UAP name, {"clean_accuracy", "random_baseline": {eps: baseline},
+    "evaluation": {"precision", "bf16_agreement", ...}})``.
     """
+    from . import inference
+
+    if precision not in inference.PRECISIONS:
+        from .errors import UapxError
+
+        raise UapxError(f"unknown evaluation precision {precision!r}", f"choose from: {', '.join(inference.PRECISIONS)}")
     if clean_pred is None:
         clean_pred = predict(model, x, batch_size=batch_size, device=device)
-    evals = {u.name: evaluate_uap(model, x, y, u, clean_pred=clean_pred, num_classes=num_classes,
-                                  batch_size=batch_size, device=device) for u in uaps}
-    baselines = {f"{e:g}": random_baseline(model, x, y, e, clean_pred=clean_pred, num_classes=num_classes,
-                                           draws=draws, seed=seed, batch_size=batch_size, device=device)
-                 for e in sorted({u.eps for u in uaps})}
-    return evals, {"clean_accuracy": float((clean_pred == y).double().mean()), "random_baseline": baselines}
+    shape = x.shape[1:]
+    eps_list = sorted({u.eps for u in uaps})
+    stacks = [torch.stack([s * u.vector.reshape(shape).float() for u in uaps for s in (1.0, -1.0)])] if uaps else []
+    stacks += [random_directions(shape, e, draws=draws, seed=seed) for e in eps_list]
+    vs = torch.cat(stacks) if stacks else torch.empty(0, *shape)
+    n_all = int(clean_pred.shape[0])
+    info: dict = {"precision": "float32", "rows_per_forward": inference.rows_per_forward(shape),
+                  "compiled": bool(compile)}
+    run = dict(device=device, compile=compile)
+    with tqdm(total=(vs.shape[0] + (3 if precision != "float32" else 0)) * n_all, desc="evaluate", unit="img",
+              disable=not (progress and distributed.is_main()), leave=False) as bar:
+        preds = torch.empty(vs.shape[0], n_all, dtype=torch.long)
+        done = 0
+        if precision != "float32" and inference.bf16_supported(device):
+            check = vs[:2]  # the first UAP's +v and -v, in both precisions
+            f32 = inference.predict_many(model, x, check, bf16=False, bar=bar, **run)
+            zero = torch.zeros(1, *shape)
+            b16 = inference.predict_many(model, x, torch.cat([zero, check]), bf16=True, bar=bar, **run)
+            ok, rate = inference.bf16_agrees(b16, torch.cat([clean_pred.view(1, -1), f32]))
+            info["bf16_agreement"] = rate
+            info["bf16_checked_on"] = int(b16.numel())
+            if ok:
+                info["precision"] = "bfloat16"
+            preds[:check.shape[0]] = f32
+            done = check.shape[0]
+        if precision == "bfloat16" and info["precision"] != "bfloat16":
+            import warnings
+
+            warnings.warn("uapx: bfloat16 evaluation is unsupported here or disagrees with float32 "
+                          f"(agreement {info.get('bf16_agreement', 'n/a')}); evaluating in float32", stacklevel=2)
+        preds[done:] = inference.predict_many(model, x, vs[done:], bf16=info["precision"] == "bfloat16", bar=bar,
+                                              **run)
+    evals = {u.name: uap_evaluation(u, preds[2 * i], preds[2 * i + 1], clean_pred=clean_pred, y=y,
+                                    num_classes=num_classes) for i, u in enumerate(uaps)}
+    start = 2 * len(uaps)
+    baselines = {}
+    for j, e in enumerate(eps_list):
+        baselines[f"{e:g}"] = baseline_stats(e, preds[start + j * draws:start + (j + 1) * draws], clean_pred=clean_pred,
+                                             y=y, num_classes=num_classes)
+    return evals, {"clean_accuracy": float((clean_pred == y).double().mean()), "random_baseline": baselines,
+                   "evaluation": info}

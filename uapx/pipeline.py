@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import data, distributed, info, models, plots
+from . import atomic, data, defaults, distributed, info, models, plots
 from . import settings as plugin_settings
 from .attacks import Trajectory, check_budget
 from .errors import EXIT_PLUGIN, UapxError
@@ -26,7 +26,6 @@ from .perturbations import PerturbationSet, PerturbationWriter, write_parts_mani
 from .registry import Registry, get_registry
 from .report import Report, check_output_folder
 
-DEFAULT_EPS = {"mnist": 2.0, "cifar10": 0.5}
 
 
 @dataclass
@@ -41,9 +40,9 @@ class AnalyzeConfig:
     plugins: list[str] = field(default_factory=lambda: ["average", "svd"])
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     attack: str = "pgd-l2"
-    eps: float | None = None
+    eps: float | None = None  # default per norm and data set: uapx.defaults
     steps: int = 20
-    step_size: float | None = None  # default 2.5 * eps / steps
+    step_size: float | None = None  # default uapx.defaults.default_step_size
     n_samples: int | None = 1000
     batch_size: int = 250
     k: int = 5
@@ -60,9 +59,11 @@ class AnalyzeConfig:
     def resolved(self) -> "AnalyzeConfig":
         c = AnalyzeConfig(**asdict(self))
         c.model = c.model or f"zoo:{c.dataset}-natural"
-        c.eps = c.eps if c.eps is not None else DEFAULT_EPS.get(c.dataset, 1.0)
-        c.step_size = c.step_size if c.step_size is not None else 2.5 * c.eps / max(c.steps, 1)
+        norm = attack_norm(c.attack)
+        c.eps = c.eps if c.eps is not None else defaults.default_eps(norm, c.dataset)
+        c.step_size = c.step_size if c.step_size is not None else defaults.default_step_size(c.eps, c.steps)
         check_budget(c.eps, c.steps, c.step_size)
+        defaults.check_eps(norm, c.eps)
         if c.trajectory_samples < 1:
             raise UapxError(f"--trajectory-samples must be >= 1, got {c.trajectory_samples}",
                             "pass --trajectory-samples 1 or more")
@@ -71,6 +72,21 @@ class AnalyzeConfig:
         if c.device.startswith("cuda") and not torch.cuda.is_available():
             raise UapxError(f"device {c.device!r} requested but CUDA is not available", "pass --device cpu")
         return c
+
+
+def attack_norm(attack: str) -> str:
+    """The norm ("l2", "linf") of the attack plugin named ``attack`` ("l2" for an unknown name, which
+    fails later with its own error)."""
+    comp = get_registry().components.get(attack)
+    return getattr(comp.cls, "norm", "l2") if comp is not None and comp.kind == "attack" else "l2"
+
+
+def defaults_applied(given: AnalyzeConfig, resolved: AnalyzeConfig) -> dict:
+    """Which settings were not given and took their defaults (norm- and data-set-specific)."""
+    out = {k: getattr(resolved, k) for k in ("model", "eps", "step_size") if getattr(given, k) is None}
+    if out:
+        out["norm"], out["dataset"] = attack_norm(resolved.attack), resolved.dataset
+    return out
 
 
 @dataclass
@@ -242,11 +258,12 @@ def attack_dataset(config: AnalyzeConfig, *, chunk_size: int = 4096, registry: R
                  "chunk_size": chunk_size}
     meta = {**s.meta, "shape": list(s.meta["shape"]), "data": data_meta}
     if world == 1:
-        writer = PerturbationWriter(c.out, meta)
-        if writer.complete:
-            return PerturbationSet.load(c.out)
-        return perturb(s.model, s.images, s.attack, batch_size=c.batch_size, device=c.device, meta=s.meta,
-                       writer=writer, chunk_size=chunk_size)
+        with atomic.claim(c.out, inside=True):  # a second run on the same --out is refused
+            writer = PerturbationWriter(c.out, meta)
+            if writer.complete:
+                return PerturbationSet.load(c.out)
+            return perturb(s.model, s.images, s.attack, batch_size=c.batch_size, device=c.device, meta=s.meta,
+                           writer=writer, chunk_size=chunk_size)
     # torchrun: each rank writes its shard as a complete set of its own; rank 0 lists the parts
     parts = [f"rank-{r:05d}" for r in range(world)]
     writer = PerturbationWriter(Path(c.out) / parts[ranks], {**meta, "part": [ranks, world]})
@@ -275,7 +292,7 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
                             "run them in one process, or use only: " + ", ".join(
                                 sorted(k.name for k in reg.components.values()
                                        if getattr(k.cls, "supports_distributed", False))))
-    out = check_output_folder(c.out, overwrite=c.overwrite)
+    out = check_output_folder(c.out, overwrite=c.overwrite, claim=distributed.is_main())
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     s = setup(c, reg)
@@ -340,6 +357,7 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     }
     report.data.update({
         "config": asdict(c),
+        "defaults_applied": defaults_applied(config, c),
         "environment": info.collect(reg),
         "model": card,
         "data": {"dataset": images.name, "split": images.split, "source": images.source,
@@ -360,7 +378,7 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
     report.tables["uaps"] = plots.comparison_table(analysis, baseline)
     if distributed.is_main():
         report.extra_files["uaps.pt"] = uaps_to_bytes(analysis.uaps)
-        report.write(out)
+        report.write(out, replace=c.overwrite)
     distributed.barrier()
     return AnalyzeResult(out, report.data, analysis)
 

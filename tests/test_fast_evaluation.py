@@ -1,0 +1,147 @@
+"""The batched evaluation (uapx.inference, uapx.evaluate.evaluate_many) against plain eager float32
+PyTorch on the bundled natural MNIST model and real MNIST test images; defaults per norm."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import uapx.data
+import uapx.models
+from uapx import inference
+from uapx.errors import UapxError
+from uapx.evaluate import evaluate_many
+from uapx.methods import UAP
+
+
+@pytest.fixture(scope="module")
+def setting():
+    torch.manual_seed(0)
+    model = uapx.models.load("zoo:mnist-natural").eval()
+    images = uapx.data.load("mnist", "test").subset(300, seed=3)
+    x, y = images.images(), images.y
+    g = torch.Generator().manual_seed(7)
+    uaps = []
+    for i, eps in enumerate((2.0, 2.0, 4.0)):
+        v = torch.randn(1, 28, 28, generator=g)
+        uaps.append(UAP(f"u{i}", v * (eps / v.norm()), "test", eps, signless=i == 0))
+    mean_delta = (x[y == 3].mean(0) - x.mean(0))  # a structured direction that fools some images
+    uaps.append(UAP("structured", mean_delta * (4.0 / mean_delta.norm()), "test", 4.0, source_class=3))
+    return model, x, y, uaps
+
+
+def plain_predictions(model, x, v):
+    """Eager float32, contiguous, batches of 64: the reference."""
+    with torch.no_grad():
+        return torch.cat([model((x[s:s + 64] + v).clamp(0, 1)).argmax(1) for s in range(0, len(x), 64)])
+
+
+def reference_rates(model, x, y, uaps):
+    clean = plain_predictions(model, x, torch.zeros(1))
+    out = {}
+    for u in uaps:
+        plus, minus = (plain_predictions(model, x, s * u.vector) for s in (1.0, -1.0))
+        out[u.name] = ((plus != clean).double().mean().item(), (minus != clean).double().mean().item(),
+                       (plus == y).double().mean().item())
+    return clean, out
+
+
+def test_float32_path_gives_the_eager_numbers(setting):
+    model, x, y, uaps = setting
+    clean, ref = reference_rates(model, x, y, uaps)
+    evals, extra = evaluate_many(model, x, y, uaps, num_classes=10, draws=3, precision="float32", progress=False)
+    assert extra["evaluation"]["precision"] == "float32"
+    for u in uaps:
+        ev = evals[u.name]
+        assert (ev.plus.fooling_rate, ev.minus.fooling_rate, ev.plus.accuracy) == ref[u.name]
+    assert max(r[0] for r in ref.values()) > 0.05  # the check is not vacuous: some images are fooled
+    # the random baseline: the same Gaussian draws as a plain loop
+    g = torch.Generator().manual_seed(0)
+    fool = []
+    for _ in range(3):
+        v = torch.randn(1, 28, 28, generator=g)
+        fool.append((plain_predictions(model, x, v * (4.0 / v.norm())) != clean).double().mean().item())
+    assert extra["random_baseline"]["4"]["fooling_rate"]["mean"] == pytest.approx(sum(fool) / 3, abs=1e-12)
+
+
+def test_small_forward_batches_give_the_same_predictions(setting):
+    model, x, _, uaps = setting
+    vs = torch.stack([u.vector for u in uaps])
+    big = inference.predict_many(model, x, vs)
+    small = inference.predict_many(model, x, vs, rows=50)  # one perturbation per pass, images in chunks
+    assert torch.equal(big, small)
+    assert torch.equal(big[1], plain_predictions(model, x, uaps[1].vector))
+
+
+def test_auto_precision_agrees_with_float32(setting):
+    model, x, y, uaps = setting
+    _, ref = reference_rates(model, x, y, uaps)
+    evals, extra = evaluate_many(model, x, y, uaps, num_classes=10, draws=2, precision="auto", progress=False)
+    info = extra["evaluation"]
+    if inference.bf16_supported():
+        assert info["precision"] == "bfloat16" and info["bf16_agreement"] >= inference.BF16_MIN_AGREEMENT
+    else:
+        assert info["precision"] == "float32"
+    for u in uaps:  # at most a few images in a thousand change their verdict
+        assert abs(evals[u.name].plus.fooling_rate - ref[u.name][0]) <= 0.01
+        assert abs(evals[u.name].minus.fooling_rate - ref[u.name][1]) <= 0.01
+
+
+def test_disagreeing_bf16_falls_back_to_float32(setting, monkeypatch):
+    model, x, y, uaps = setting
+    _, ref = reference_rates(model, x, y, uaps)
+    monkeypatch.setattr(inference, "BF16_MIN_AGREEMENT", 1.01)  # no agreement is enough
+    with pytest.warns(UserWarning, match="evaluating in float32"):
+        evals, extra = evaluate_many(model, x, y, uaps, num_classes=10, draws=1, precision="bfloat16",
+                                     progress=False)
+    assert extra["evaluation"]["precision"] == "float32"
+    assert all(evals[u.name].plus.fooling_rate == ref[u.name][0] for u in uaps)
+
+
+def test_failing_compile_falls_back_with_one_warning(setting, monkeypatch):
+    model, x, _, uaps = setting
+    net = uapx.models.load("zoo:mnist-natural").eval()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    vs = torch.stack([u.vector for u in uaps])
+    with pytest.warns(UserWarning, match="torch.compile failed") as rec:
+        a = inference.predict_many(net, x, vs, compile=True)
+        b = inference.predict_many(net, x, vs, compile=True)  # cached: no second warning
+    assert len([w for w in rec if "torch.compile" in str(w.message)]) == 1
+    assert torch.equal(a, b) and torch.equal(a, inference.predict_many(model, x, vs))
+
+
+def test_prepared_copy_follows_weight_changes():
+    net = uapx.models.load("zoo:mnist-natural").eval()
+    x = uapx.data.load("mnist", "test").subset(64, seed=1).images()
+    zero = torch.zeros(1, 1, 28, 28)
+    before = inference.predict_many(net, x, zero)
+    with torch.no_grad():
+        net.classifier[-1].bias.copy_(torch.tensor([0.0] * 9 + [1e6]))  # everything becomes class 9
+    after = inference.predict_many(net, x, zero)
+    assert not torch.equal(before, after) and bool((after == 9).all())
+
+
+def test_defaults_per_norm_and_data_set():
+    from uapx.pipeline import AnalyzeConfig, defaults_applied
+
+    for attack, dataset, eps in (("pgd-linf", "mnist", 0.3), ("pgd-linf", "cifar10", 8 / 255),
+                                 ("pgd-l2", "mnist", 2.0), ("pgd-l2", "cifar10", 0.5)):
+        given = AnalyzeConfig(attack=attack, dataset=dataset)
+        c = given.resolved()
+        assert c.eps == pytest.approx(eps) and c.step_size == pytest.approx(2.5 * eps / c.steps)
+        applied = defaults_applied(given, c)
+        assert applied["eps"] == pytest.approx(eps) and applied["norm"] == attack[4:]
+    assert "eps" not in defaults_applied(AnalyzeConfig(eps=1.0), AnalyzeConfig(eps=1.0).resolved())
+    with pytest.raises(UapxError, match="Linf eps of 1"):
+        AnalyzeConfig(attack="pgd-linf", eps=1.0).resolved()
+
+
+def test_linf_eps_of_one_is_a_one_line_error(capsys):
+    from uapx.cli import main
+
+    assert main(["analyze", "--attack", "pgd-linf", "--eps", "1.5", "--out", "r"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("uapx: error: a Linf eps of 1.5")
