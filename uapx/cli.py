@@ -87,11 +87,12 @@ def _add_model_args(p: argparse.ArgumentParser, owner, zoo_names: list[str]) -> 
 
 
 def _add_attack_args(p: argparse.ArgumentParser, attacks: list[str]) -> None:
+    from . import defaults
     from .pipeline import AnalyzeConfig as A
 
     _opt(p, A, "attack", f"attack plugin ({', '.join(attacks) or 'see uapx plugins'})")
     _opt(p, A, "eps", "perturbation budget (norm of the attack)", type=argtypes.positive,
-         shown="2.0 for MNIST, 0.5 for CIFAR-10")
+         shown="per norm and data set: " + defaults.described())
     _opt(p, A, "steps", "PGD steps", type=argtypes.whole(1))
     _opt(p, A, "step_size", "PGD step size", type=argtypes.positive, shown="2.5*eps/steps")
     _opt(p, A, "n_samples", "images to attack, a seeded random subset, or 'all'", type=argtypes.count_or_all)
@@ -122,6 +123,11 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
     _opt(a, A, "random_draws", "random directions of the same norm drawn for the baseline", type=argtypes.whole(1))
     _opt(a, A, "trajectory_samples", "images whose PGD trajectories are recorded for trajectory diagnostics",
          type=argtypes.whole(1))
+    _opt(a, A, "eval_precision", "arithmetic of the UAP evaluation: auto = bfloat16 where the CPU/GPU has it and "
+         "its predictions agree with float32 on >= 99.9%% of the checked images, else float32",
+         choices=["auto", "float32", "bfloat16"])
+    _opt(a, A, "compile", "evaluate through torch.compile (cached; eager with one warning where it fails)",
+         action="store_true")
     a.add_argument("--set", dest="settings", action="append", default=[], metavar="PLUGIN.KEY=VALUE",
                    help="a setting of a selected plugin, checked against its constructor, e.g. --set "
                         "svd.center=true (repeatable; 'uapx plugins --settings' lists the keys)")
@@ -129,6 +135,8 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
          type=argtypes.names, metavar="MODEL[,MODEL...]")
     _opt(a, A, "out", "report folder", type=argtypes.output_path, metavar="DIR")
     _opt(a, A, "overwrite", "replace a report folder that already holds a run", action="store_true")
+    _opt(a, A, "skip_unreadable", "leave out image files that cannot be decoded, counted in the report "
+         "(without it such a file is an error naming it)", action="store_true")
 
     k = sub.add_parser("attack", help="perturb a data set with PGD and save the perturbation set (resumable)")
     _add_common_model_args(k, A)
@@ -137,6 +145,8 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
     k.set_defaults(n_samples=None)  # a saved set holds the whole split unless asked otherwise
     k.add_argument("--chunk-size", type=argtypes.whole(1), default=_default(attack_dataset, "chunk_size"),
                    help="images per chunk file (default: %(default)s)")
+    _opt(k, A, "skip_unreadable", "leave out image files that cannot be decoded (without it such a file is an "
+         "error naming it)", action="store_true")
     k.add_argument("--out", required=True, type=argtypes.output_path, metavar="DIR",
                    help="perturbation set folder; the same command resumes it")
 
@@ -381,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("uapx: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if "uapx.atomic" in sys.modules:  # outputs this command claimed are free again
+            sys.modules["uapx.atomic"].release_all()
 
 
 def console_main() -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ class ImageSet:
     split: str
     source: str
     indices: torch.Tensor | None = field(default=None, repr=False)
+    skipped: list[str] = field(default_factory=list, repr=False)  # unreadable files left out (skip_unreadable)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -71,7 +72,7 @@ class ImageSet:
     def take(self, rows: slice) -> "ImageSet":
         """The images at positions ``rows`` (e.g. this rank's shard), keeping their indices."""
         idx = self.indices[rows] if self.indices is not None else torch.arange(len(self))[rows]
-        return ImageSet(self.x[rows], self.y[rows], self.classes, self.name, self.split, self.source, idx)
+        return replace(self, x=self.x[rows], y=self.y[rows], indices=idx)
 
     def subset(self, n: int | None, *, seed: int = 0) -> "ImageSet":
         """A seeded random subset of ``n`` images (all of them, in order, when ``n`` is None)."""
@@ -82,7 +83,7 @@ class ImageSet:
                             f"{len(self)} images", f"pass --n-samples between 1 and {len(self)}")
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self), generator=g)[:n].sort().values
-        return ImageSet(self.x[idx], self.y[idx], self.classes, self.name, self.split, self.source, idx)
+        return replace(self, x=self.x[idx], y=self.y[idx], indices=idx)
 
 
 def default_root() -> Path:
@@ -99,10 +100,13 @@ def resolve_root(root: str | os.PathLike | None) -> tuple[Path, bool]:
     return default_root(), False
 
 
-def load(name: str, split: str = "test", root: str | os.PathLike | None = None) -> ImageSet:
+def load(name: str, split: str = "test", root: str | os.PathLike | None = None, *,
+         skip_unreadable: bool = False) -> ImageSet:
     """Load data set ``name`` (``mnist`` or ``cifar10``), split ``train`` or ``test``.
 
-    Without an explicit root, the MNIST test split falls back to the copy embedded in uapx.
+    Without an explicit root, the MNIST test split falls back to the copy embedded in uapx.  An
+    image file that cannot be decoded is a one-line error naming it, or, with ``skip_unreadable``,
+    left out and listed in ``ImageSet.skipped``.
     """
     if name not in DATASETS:
         raise UapxError(f"unknown data set {name!r}", f"choose from: {', '.join(DATASETS)}")
@@ -117,7 +121,7 @@ def load(name: str, split: str = "test", root: str | os.PathLike | None = None) 
         if found is None and not explicit and split == "test":
             found = _read_mnist_dir(EMBEDDED_MNIST, split, "embedded MNIST test split")
     else:
-        found = _load_cifar10(base, split, looked)
+        found = _load_cifar10(base, split, looked, skip_unreadable)
     if found is None:
         where = ", ".join(str(p) for p in looked)
         raise UapxError(f"no {name} {split} data found (looked in {where})", HOW_TO_GET)
@@ -176,7 +180,7 @@ def _load_mnist(base: Path, split: str, looked: list[Path]) -> ImageSet | None:
 # -- CIFAR-10 ----------------------------------------------------------------------------------
 
 
-def _load_cifar10(base: Path, split: str, looked: list[Path]) -> ImageSet | None:
+def _load_cifar10(base: Path, split: str, looked: list[Path], skip_unreadable: bool = False) -> ImageSet | None:
     official = base / "cifar-10-batches-py"
     looked.append(official)
     if official.is_dir():
@@ -184,7 +188,7 @@ def _load_cifar10(base: Path, split: str, looked: list[Path]) -> ImageSet | None
     for folder in (base / "cifar10-jpeg" / split, base / "cifar10" / split):
         looked.append(folder)
         if folder.is_dir():
-            return _read_image_folder(folder, split)
+            return _read_image_folder(folder, split, skip_unreadable)
     return None
 
 
@@ -210,7 +214,7 @@ def _read_cifar_pickles(folder: Path, split: str) -> ImageSet:
                     CIFAR10_CLASSES, "cifar10", split, str(folder))
 
 
-def _read_image_folder(folder: Path, split: str) -> ImageSet:
+def _read_image_folder(folder: Path, split: str, skip_unreadable: bool = False) -> ImageSet:
     from PIL import Image
 
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
@@ -220,27 +224,50 @@ def _read_image_folder(folder: Path, split: str) -> ImageSet:
     files = [(p, label) for label, c in enumerate(classes)
              for p in sorted((folder / c).iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
     cache = _decode_cache(folder, files)
+    cached = None
     if cache.is_file():
         try:
-            x, y = torch.load(cache, weights_only=True)
-            return ImageSet(x, y, CIFAR10_CLASSES, "cifar10", split, str(folder))
+            cached = torch.load(cache, weights_only=True)
         except Exception:
             pass  # a damaged cache is rebuilt
-    x = torch.empty(len(files), 3, 32, 32, dtype=torch.uint8)
-    for i, (p, _) in enumerate(files):
-        with Image.open(p) as im:
-            img = np.asarray(im.convert("RGB"))
-        if img.shape != (32, 32, 3):
-            raise UapxError(f"{str(p)!r} is not a 32x32 image", "use the CIFAR-10 images unchanged")
-        x[i] = torch.from_numpy(img).permute(2, 0, 1)
-    y = torch.tensor([label for _, label in files], dtype=torch.int64)
-    try:
-        from . import atomic
+    if cached is not None:
+        x, y, *rest = cached
+        skipped = list(rest[0]) if rest else []
+    else:
+        x = torch.empty(len(files), 3, 32, 32, dtype=torch.uint8)
+        keep, skipped = [], []
+        for i, (p, _) in enumerate(files):
+            try:
+                with Image.open(p) as im:
+                    img = np.asarray(im.convert("RGB"))
+            except Exception as exc:  # zero bytes, not an image, truncated
+                skipped.append(str(p))
+                if not skip_unreadable:
+                    raise _unreadable(str(p), exc) from None
+                continue
+            if img.shape != (32, 32, 3):
+                raise UapxError(f"{str(p)!r} is not a 32x32 image", "use the CIFAR-10 images unchanged")
+            x[i] = torch.from_numpy(img).permute(2, 0, 1)
+            keep.append(i)
+        y = torch.tensor([label for _, label in files], dtype=torch.int64)
+        if skipped:
+            x, y = x[keep], y[keep]
+        try:
+            from . import atomic
 
-        atomic.torch_save((x, y), cache)
-    except OSError:
-        pass  # caching is an optimisation only
-    return ImageSet(x, y, CIFAR10_CLASSES, "cifar10", split, str(folder))
+            atomic.torch_save((x, y, skipped), cache)
+        except (OSError, UapxError):
+            pass  # caching is an optimisation only
+    if skipped and not skip_unreadable:
+        raise _unreadable(skipped[0], None)
+    return ImageSet(x, y, CIFAR10_CLASSES, "cifar10", split, str(folder), skipped=skipped)
+
+
+def _unreadable(path: str, exc: BaseException | None) -> UapxError:
+    why = f" ({type(exc).__name__}: {' '.join(str(exc).split())[:100]})" if exc is not None else ""
+    return UapxError(f"cannot read image {path!r}{why}",
+                     "remove or replace the file, or pass --skip-unreadable to leave such files out "
+                     "(they are counted in the report)")
 
 
 def _decode_cache(folder: Path, files: list) -> Path:

@@ -15,6 +15,8 @@ from typing import ClassVar, Sequence
 
 import torch
 
+from . import contract
+from .analysis import MethodData  # noqa: F401  (re-exported: uapx.methods.MethodData)
 from .perturbations import PerturbationSet
 
 
@@ -62,26 +64,6 @@ def singular_directions(res) -> list[Direction]:
     return [Direction(res.V[i], tag=f"v{i + 1}", signless=True,
                       meta={"singular_value": float(res.S[i]), "explained_variance": float(res.S[i] ** 2 / total)})
             for i in range(res.S.numel())]
-
-
-@dataclass
-class MethodData:
-    """The model and images that model-based methods (``needs_model = True``) optimise on.
-
-    Attributes:
-        model: the classifier (eval mode); x: ``(N, C, H, W)`` images in [0, 1], row i of the
-            perturbation set; y: ``(N,)`` labels; device, batch_size, seed: how to run.
-    """
-
-    model: torch.nn.Module
-    x: torch.Tensor
-    y: torch.Tensor
-    device: str = "cpu"
-    batch_size: int = 250
-    seed: int = 0
-
-    def select(self, mask: torch.Tensor) -> "MethodData":
-        return MethodData(self.model, self.x[mask], self.y[mask], self.device, self.batch_size, self.seed)
 
 
 class UAPMethod:
@@ -138,7 +120,7 @@ class UAPMethod:
             else:
                 found = [(self.directions(part), eps_list)]
             for directions, eps_group in found:
-                for direction in directions:
+                for direction in contract.directions(self.name, directions, pset.d):
                     out += self._scaled(direction, eps_group, cls, pset.shape, len(eps_list) > 1)
         return out
 

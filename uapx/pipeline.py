@@ -6,11 +6,11 @@ reuse one attack run.  Plugins are found through the registry only.
 """
 from __future__ import annotations
 
-import inspect
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -18,12 +18,15 @@ from tqdm import tqdm
 
 from . import atomic, data, defaults, distributed, info, models, plots
 from . import settings as plugin_settings
-from .attacks import Trajectory, check_budget
+from .analysis import Analysis, MethodData  # noqa: F401  (re-exported: uapx.pipeline.Analysis)
+from .attacks import check_budget
+from . import contract
+from .compat import check_model_fits
 from .errors import EXIT_PLUGIN, UapxError
-from .evaluate import UAPEvaluation, evaluate_many, random_baseline
-from .methods import UAP, MethodData, uaps_to_bytes
+from .evaluate import evaluate_many, random_baseline
+from .methods import uaps_to_bytes
 from .perturbations import PerturbationSet, PerturbationWriter, write_parts_manifest
-from .registry import Registry, get_registry
+from .registry import Component, Registry, get_registry
 from .report import Report, check_output_folder
 
 
@@ -55,6 +58,7 @@ class AnalyzeConfig:
     seed: int = 0
     out: str = "uapx-report"
     overwrite: bool = False
+    skip_unreadable: bool = False  # leave out image files that cannot be decoded (counted in the report)
 
     def resolved(self) -> "AnalyzeConfig":
         c = AnalyzeConfig(**asdict(self))
@@ -62,6 +66,9 @@ class AnalyzeConfig:
         norm = attack_norm(c.attack)
         c.eps = c.eps if c.eps is not None else defaults.default_eps(norm, c.dataset)
         c.step_size = c.step_size if c.step_size is not None else defaults.default_step_size(c.eps, c.steps)
+        if self.step_size is None and c.eps == c.eps and not abs(c.step_size) < float("inf"):
+            raise UapxError(f"--eps {c.eps:g} is too large: the default step size (2.5*eps/steps) overflows",
+                            "pass a smaller --eps (any two images in [0, 1] differ by at most sqrt(d) in L2)")
         check_budget(c.eps, c.steps, c.step_size)
         defaults.check_eps(norm, c.eps)
         if c.trajectory_samples < 1:
@@ -87,63 +94,6 @@ def defaults_applied(given: AnalyzeConfig, resolved: AnalyzeConfig) -> dict:
     if out:
         out["norm"], out["dataset"] = attack_norm(resolved.attack), resolved.dataset
     return out
-
-
-@dataclass
-class Analysis:
-    """What diagnostics receive: the model, the images and every shared artefact of the run.
-
-    Attributes:
-        config: the resolved :class:`AnalyzeConfig`.
-        model: the classifier (eval mode); card: its model card.
-        images: the attacked :class:`~uapx.data.ImageSet`; x ``(N, C, H, W)`` float, y ``(N,)``.
-        clean_pred: ``(N,)`` predictions on clean images.
-        pset: the :class:`~uapx.perturbations.PerturbationSet` of the attack.
-        uaps: every UAP the methods produced; evaluations: their :class:`UAPEvaluation` by name.
-        attack: the attack object (its settings are ``attack.settings()``).
-    """
-
-    config: AnalyzeConfig
-    model: nn.Module
-    card: dict
-    images: data.ImageSet
-    x: torch.Tensor
-    y: torch.Tensor
-    clean_pred: torch.Tensor
-    pset: PerturbationSet
-    attack: Any
-    uaps: list[UAP] = field(default_factory=list)
-    evaluations: dict[str, UAPEvaluation] = field(default_factory=dict)
-    n_images: int = 0  # over every rank under torchrun (x holds this rank's shard); default: len(x)
-    _trajectory: tuple[torch.Tensor, Trajectory] | None = None
-
-    def __post_init__(self) -> None:
-        self.n_images = self.n_images or int(self.x.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.images.classes)
-
-    def trajectories(self) -> Trajectory:
-        """PGD trajectories of the first ``config.trajectory_samples`` images, recorded once and
-        shared by every diagnostic that asks (same attack settings as the main run).
-
-        Under torchrun each rank records its part of the *global* first ``trajectory_samples``
-        images (:func:`uapx.distributed.local_prefix`; possibly none), and ``index`` holds their
-        global positions (in one process, positions ``0 .. m-1`` of ``x``)."""
-        if self._trajectory is None:
-            n = self.n_images
-            part = distributed.local_prefix(self.config.trajectory_samples, n)
-            if part.stop > 0:
-                dev = self.config.device
-                _, traj = self.attack(self.model, self.x[part].to(dev), self.y[part].to(dev), record=True)
-            else:  # this rank holds none of them
-                steps, d = int(self.attack.steps), int(torch.Size(self.x.shape[1:]).numel())
-                traj = Trajectory(torch.arange(0), torch.empty(steps, 0, d), torch.empty(steps, 0, d),
-                                  torch.empty(steps, 0))
-            traj.index = traj.index + distributed.shard(n).start  # global positions
-            self._trajectory = (traj.index, traj)
-        return self._trajectory[1]
 
 
 @dataclass
@@ -231,19 +181,26 @@ class Setup:
     card: dict
     attack: Any
     meta: dict
+    transfer: dict[str, nn.Module] = field(default_factory=dict)  # --transfer models, checked like the model
 
 
-def setup(c: AnalyzeConfig, reg: Registry) -> Setup:
-    """Load data, model and the attack plugin for a resolved config."""
-    attack_comp = reg.get(c.attack, "attack")
+def load_inputs(c: AnalyzeConfig, attack_comp: Component) -> Setup:
+    """Stage 1: load the data, the model (and ``--transfer`` models) and build the attack plugin
+    ``attack_comp`` for a resolved config."""
     torch.manual_seed(c.seed)
-    images = data.load(c.dataset, c.split, c.data_root).subset(c.n_samples, seed=c.seed)
+    images = data.load(c.dataset, c.split, c.data_root, skip_unreadable=c.skip_unreadable).subset(
+        c.n_samples, seed=c.seed)
     model, card = models.load_with_card(c.model, device=c.device, arch=c.arch)
+    x1 = images.images(slice(0, 1)).to(c.device)  # one forward pass each before any attack
+    check_model_fits(model, x1, len(images.classes), what=c.model, data=images.name)
+    transfer = {spec: models.load(spec, device=c.device) for spec in c.transfer}
+    for spec, other in transfer.items():
+        check_model_fits(other, x1, len(images.classes), what=f"--transfer {spec}", data=images.name)
     attack = _instantiate(attack_comp.cls, c.plugin_settings.get(c.attack, {}),
                           {"eps": c.eps, "steps": c.steps, "step_size": c.step_size})
     meta = {"shape": tuple(images.shape), "eps": c.eps, "norm": attack.norm, "model_id": c.model,
             "attack": {"name": c.attack, **attack.settings()}}
-    return Setup(images, model, card, attack, meta)
+    return Setup(images, model, card, attack, meta, transfer)
 
 
 def attack_dataset(config: AnalyzeConfig, *, chunk_size: int = 4096, registry: Registry | None = None) -> PerturbationSet:
@@ -253,7 +210,7 @@ def attack_dataset(config: AnalyzeConfig, *, chunk_size: int = 4096, registry: R
     ranks = world = 1
     if distributed.init_from_env(c.device):
         ranks, world = distributed.rank(), distributed.world_size()
-    s = setup(c, reg)
+    s = load_inputs(c, reg.get(c.attack, "attack"))
     data_meta = {"dataset": c.dataset, "split": c.split, "n_samples": len(s.images), "seed": c.seed,
                  "chunk_size": chunk_size}
     meta = {**s.meta, "shape": list(s.meta["shape"]), "data": data_meta}
@@ -277,12 +234,21 @@ def attack_dataset(config: AnalyzeConfig, *, chunk_size: int = 4096, registry: R
     return PerturbationSet.load(c.out)
 
 
-def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> AnalyzeResult:
-    """Run an analysis end to end and write its report folder; see :class:`AnalyzeConfig`."""
-    reg = registry or get_registry()
-    c = config.resolved()
-    components = reg.check_names(c.plugins)  # before any work
-    attack_comp = reg.get(c.attack, "attack")  # unknown names fail before any work
+@dataclass
+class Plan:
+    """The components of a run, looked up once: the attack, then the selected methods and
+    diagnostics (in ``--plugins`` order)."""
+
+    attack: Component
+    methods: list[Component]
+    diagnostics: list[Component]
+
+
+def plan(c: AnalyzeConfig, reg: Registry) -> Plan:
+    """Look up the attack and the selected plugins and check their settings and torchrun support:
+    unknown names and bad settings fail here, before any work."""
+    components = reg.check_names(c.plugins)
+    attack_comp = reg.get(c.attack, "attack")
     plugin_settings.check_run(c.plugin_settings, [attack_comp, *components])
     if distributed.init_from_env(c.device):  # every built-in reduces across ranks; others must say they do
         unsupported = [comp.name for comp in components if not getattr(comp.cls, "supports_distributed", False)]
@@ -292,87 +258,143 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
                             "run them in one process, or use only: " + ", ".join(
                                 sorted(k.name for k in reg.components.values()
                                        if getattr(k.cls, "supports_distributed", False))))
-    out = check_output_folder(c.out, overwrite=c.overwrite, claim=distributed.is_main())
-    timing: dict[str, float] = {}
-    t0 = time.perf_counter()
-    s = setup(c, reg)
-    model, card, attack = s.model, s.card, s.attack
-    images = s.images.take(distributed.shard(len(s.images)))  # all of them in one process
-    timing["load"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    pset = perturb(model, images, attack, batch_size=c.batch_size, device=c.device, meta=s.meta)
-    timing["attack"] = time.perf_counter() - t
-    x, y = images.images(), images.y
-    # predictions and labels of every rank's shard (N integers each), for the evaluation
-    y_all, clean_pred, adv_pred = (distributed.all_gather_rows(t) for t in (y, pset.clean_pred, pset.adv_pred))
-    analysis = Analysis(c, model, card, images, x, y, pset.clean_pred, pset, attack, n_images=len(y_all))
+    methods: list[Component] = []
+    diagnostics: list[Component] = []
+    for comp in components:
+        (methods if comp.kind == "method" else diagnostics).append(comp)
+    return Plan(attack_comp, methods, diagnostics)
 
-    t = time.perf_counter()
-    methods = [comp for comp in components if comp.kind == "method"]
-    method_data = MethodData(model, x, y, c.device, c.batch_size, c.seed)
+
+class Timer:
+    """Seconds per stage of a run (``report.json``'s ``timing_seconds``)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = time.perf_counter() - t
+
+    def total(self) -> dict[str, float]:
+        return {**{k: round(v, 3) for k, v in self.seconds.items()},
+                "total": round(time.perf_counter() - self.start, 3)}
+
+
+@dataclass
+class Predictions:
+    """Labels and predictions ``(N,)`` of every image over every torchrun rank (the evaluation and
+    the attack figures count all of them)."""
+
+    y: torch.Tensor
+    clean: torch.Tensor
+    adv: torch.Tensor
+
+
+def attack_images(c: AnalyzeConfig, s: Setup) -> tuple[Analysis, Predictions]:
+    """Stage 2: attack this rank's shard of the images; the analysis context and every rank's
+    labels and predictions."""
+    images = s.images.take(distributed.shard(len(s.images)))  # all of them in one process
+    pset = perturb(s.model, images, s.attack, batch_size=c.batch_size, device=c.device, meta=s.meta)
+    preds = Predictions(*(distributed.all_gather_rows(t) for t in (images.y, pset.clean_pred, pset.adv_pred)))
+    analysis = Analysis(s.model, images.images(), images.y, c.device, c.batch_size, c.seed, pset=pset,
+                        eps=c.eps, attack=s.attack, classes=list(images.classes), n_images=len(preds.y),
+                        model_id=c.model, trajectory_samples=c.trajectory_samples)
+    return analysis, preds
+
+
+def build_uaps(analysis: Analysis, methods: list[Component], c: AnalyzeConfig) -> None:
+    """Stage 3: run every selected UAP method at the run's eps; the UAPs go to ``analysis.uaps``
+    (model-based methods optimise on the analysis, a :class:`MethodData`)."""
     for comp in methods:
         method = _instantiate(comp.cls, c.plugin_settings.get(comp.name, {}), {"k": c.k})
-        analysis.uaps += _run_plugin(comp.name, lambda: method(pset, c.eps, data=method_data))
-    evals, extra = evaluate_many(model, x, y_all, analysis.uaps, num_classes=analysis.num_classes,
-                                 draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device,
-                                 clean_pred=clean_pred, precision=c.eval_precision, compile=c.compile)
+        analysis.uaps += _run_plugin(comp.name, lambda: method(analysis.pset, analysis.eps, data=analysis))
+
+
+def evaluate_uaps(analysis: Analysis, preds: Predictions, c: AnalyzeConfig,
+                  transfer_models: dict[str, nn.Module]) -> dict:
+    """Stage 4: evaluate every UAP (and the global ones on the ``--transfer`` models) against
+    random directions of the same norm; ``report.json``'s ``uaps`` section (evaluations go to
+    ``analysis.evaluations``)."""
+    x, k, eps = analysis.x, analysis.num_classes, analysis.eps
+    opts = dict(draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device)
+    evals, extra = evaluate_many(analysis.model, x, preds.y, analysis.uaps, num_classes=k, clean_pred=preds.clean,
+                                 precision=c.eval_precision, compile=c.compile, **opts)
     analysis.evaluations.update(evals)
-    baseline = extra["random_baseline"].get(f"{c.eps:g}") or random_baseline(
-        model, x, y_all, c.eps, clean_pred=clean_pred, num_classes=analysis.num_classes, draws=c.random_draws,
-        seed=c.seed, batch_size=c.batch_size, device=c.device)
+    baseline = extra["random_baseline"].get(f"{eps:g}") or random_baseline(
+        analysis.model, x, preds.y, eps, clean_pred=preds.clean, num_classes=k, **opts)
     transfer = {}
     global_uaps = [u for u in analysis.uaps if u.source_class is None]
-    for spec in c.transfer:
-        other = models.load(spec, device=c.device)
-        t_evals, t_extra = evaluate_many(other, x, y_all, global_uaps, num_classes=analysis.num_classes,
-                                         draws=c.random_draws, seed=c.seed, batch_size=c.batch_size,
-                                         device=c.device, precision=c.eval_precision, compile=c.compile)
-        transfer[spec] = {**t_extra, "evaluations": {k: v.to_dict() for k, v in t_evals.items()}}
-    timing["uap_methods"] = time.perf_counter() - t
+    for spec, other in transfer_models.items():
+        t_evals, t_extra = evaluate_many(other, x, preds.y, global_uaps, num_classes=k, precision=c.eval_precision,
+                                         compile=c.compile, **opts)
+        transfer[spec] = {**t_extra, "evaluations": {name: v.to_dict() for name, v in t_evals.items()}}
+    return {
+        "random_baseline": baseline,
+        "evaluation": extra["evaluation"],
+        "evaluations": {name: ev.to_dict() for name, ev in analysis.evaluations.items()},
+        **({"transfer": transfer} if transfer else {}),
+    }
 
-    report = Report(f"uapx analysis: {c.model} on {c.dataset} ({c.split}), eps {c.eps:g}")
-    diag_results = {}
-    for comp in components:
-        if comp.kind != "diagnostic":
-            continue
-        t = time.perf_counter()
-        diag = _instantiate(comp.cls, c.plugin_settings.get(comp.name, {}))
-        res = _run_plugin(comp.name, lambda: diag.run(analysis))
-        diag_results[comp.name] = {"plugin": repr(diag), **res.figures}
-        for name, fig, caption in res.plots:
-            report.add_plot(comp.name, name, fig, caption)
-        if res.summary:
-            report.summaries[comp.name] = res.summary
-        timing[f"diagnostic:{comp.name}"] = time.perf_counter() - t
-    timing["total"] = time.perf_counter() - t0
 
+def run_diagnostics(analysis: Analysis, diagnostics: list[Component], c: AnalyzeConfig, report: Report,
+                    timer: Timer) -> dict:
+    """Stage 5: run every selected diagnostic on the analysis; their figures by name (plots and
+    summaries go to ``report``).  Trajectories are recorded once, in a stage of their own, when a
+    diagnostic declares ``needs_trajectories``."""
+    if any(getattr(comp.cls, "needs_trajectories", False) for comp in diagnostics):
+        with timer("trajectories"):
+            analysis.trajectories()
+    results = {}
+    for comp in diagnostics:
+        with timer(f"diagnostic:{comp.name}"):
+            diag = _instantiate(comp.cls, c.plugin_settings.get(comp.name, {}))
+            res = _run_plugin(comp.name, lambda: diag.run(analysis))
+            results[comp.name] = {"plugin": repr(diag), **res.figures}
+            for name, fig, caption in res.plots:
+                report.add_plot(comp.name, name, fig, caption)
+            if res.summary:
+                report.summaries[comp.name] = res.summary
+    return results
+
+
+def attack_figures(pset: PerturbationSet, preds: Predictions) -> dict:
+    """Accuracy and success of the per-image attack and its perturbation norms, over every rank."""
+    n = len(preds.y)
     norms = torch.cat([b.norm(dim=1) for b in pset.chunks()])
-    attack_fig = {
-        "n_images": len(y_all), "clean_accuracy": float((clean_pred == y_all).double().mean()),
-        "adversarial_accuracy": float((adv_pred == y_all).double().mean()),
-        "attack_success_rate": float((adv_pred != clean_pred).double().mean()),
-        "perturbation_norm": {"mean": distributed.all_reduce_scalar(float(norms.sum())) / len(y_all),
+    return {
+        "n_images": n, "clean_accuracy": float((preds.clean == preds.y).double().mean()),
+        "adversarial_accuracy": float((preds.adv == preds.y).double().mean()),
+        "attack_success_rate": float((preds.adv != preds.clean).double().mean()),
+        "perturbation_norm": {"mean": distributed.all_reduce_scalar(float(norms.sum())) / n,
                               "min": distributed.all_reduce_scalar(float(norms.min()), "min"),
                               "max": distributed.all_reduce_scalar(float(norms.max()), "max")},
     }
+
+
+def write_report(report: Report, out: Path, config: AnalyzeConfig, c: AnalyzeConfig, reg: Registry, s: Setup,
+                 analysis: Analysis, preds: Predictions, uaps: dict, diagnostics: dict, timer: Timer) -> None:
+    """Stage 6: fill ``report.json`` (what ran, the attack, the UAPs, the diagnostics, timings), add
+    the UAP plots and table, and write the report folder (on rank 0)."""
+    images = s.images
     report.data.update({
         "config": asdict(c),
         "defaults_applied": defaults_applied(config, c),
         "environment": info.collect(reg),
-        "model": card,
+        "model": s.card,
         "data": {"dataset": images.name, "split": images.split, "source": images.source,
-                 "n_images": len(y_all), "shape": list(images.shape),
+                 "n_images": len(preds.y), "shape": list(images.shape),
                  **({"ranks": distributed.world_size()} if distributed.active() else {})},
-        "attack": {"plugin": repr(attack), **attack_fig},
-        "uaps": {
-            "random_baseline": baseline,
-            "evaluation": extra["evaluation"],
-            "evaluations": {name: ev.to_dict() for name, ev in analysis.evaluations.items()},
-            **({"transfer": transfer} if transfer else {}),
-        },
-        "diagnostics": diag_results,
-        "timing_seconds": {k: round(v, 3) for k, v in timing.items()},
+        "attack": {"plugin": repr(s.attack), **attack_figures(analysis.pset, preds)},
+        "uaps": uaps,
+        "diagnostics": diagnostics,
+        "timing_seconds": timer.total(),
     })
+    baseline = uaps["random_baseline"]
     report.summaries["uaps"] = plots.uap_summary(analysis, baseline)
     plots.add_uap_plots(report, analysis, baseline)
     report.tables["uaps"] = plots.comparison_table(analysis, baseline)
@@ -380,6 +402,28 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> Analy
         report.extra_files["uaps.pt"] = uaps_to_bytes(analysis.uaps)
         report.write(out, replace=c.overwrite)
     distributed.barrier()
+
+
+def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> AnalyzeResult:
+    """Run an analysis end to end and write its report folder; see :class:`AnalyzeConfig`.
+
+    The stages: :func:`load_inputs`, :func:`attack_images`, :func:`build_uaps`,
+    :func:`evaluate_uaps`, :func:`run_diagnostics`, :func:`write_report`."""
+    reg = registry or get_registry()
+    c = config.resolved()
+    p = plan(c, reg)  # names and settings checked before any work
+    out = check_output_folder(c.out, overwrite=c.overwrite, claim=distributed.is_main())
+    timer = Timer()
+    with timer("load"):
+        s = load_inputs(c, p.attack)
+    with timer("attack"):
+        analysis, preds = attack_images(c, s)
+    with timer("uap_methods"):
+        build_uaps(analysis, p.methods, c)
+        uaps = evaluate_uaps(analysis, preds, c, s.transfer)
+    report = Report(f"uapx analysis: {c.model} on {c.dataset} ({c.split}), eps {c.eps:g}")
+    diagnostics = run_diagnostics(analysis, p.diagnostics, c, report, timer)
+    write_report(report, out, config, c, reg, s, analysis, preds, uaps, diagnostics, timer)
     return AnalyzeResult(out, report.data, analysis)
 
 
@@ -416,6 +460,7 @@ def apply_uaps(path: str, *, model: str, dataset: str = "mnist", data_root: str 
         raise UapxError(f"the UAPs have shape {tuple(uaps[0].vector.shape)} but {dataset} images are "
                         f"{tuple(images.shape)}", "apply them to a data set of the same image shape")
     net = models.load(model, device=device, arch=arch)
+    check_model_fits(net, images.images(slice(0, 1)).to(device), len(images.classes), what=model, data=dataset)
     distributed.init_from_env(device)
     shard = images.take(distributed.shard(len(images)))  # all of them in one process
     y_all = distributed.all_gather_rows(shard.y)  # predict() gathers every rank's predictions

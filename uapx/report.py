@@ -55,11 +55,15 @@ class Report:
     def html(self) -> str:
         return render_html(self)
 
-    def write(self, out: str | os.PathLike) -> Path:
-        """Write the folder atomically; returns its path."""
+    def write(self, out: str | os.PathLike, *, replace: bool = True) -> Path:
+        """Write the folder atomically (a folder with files at ``out`` is replaced only with
+        ``replace``) and release this process's claim on it; returns its path."""
         out = Path(out)
-        with atomic.atomic_path(out, directory=True) as tmp:
-            self.write_into(tmp)
+        try:
+            with atomic.atomic_path(out, directory=True, replace=replace) as tmp:
+                self.write_into(tmp)
+        finally:
+            atomic.release(out)
         return out
 
     def write_into(self, folder: Path) -> None:
@@ -70,13 +74,29 @@ class Report:
             (folder / f"{p.name}.png").write_bytes(p.png)
         for name, blob in self.extra_files.items():
             (folder / name).write_bytes(blob)
-        (folder / "report.json").write_text(json.dumps(self.data, indent=2, default=atomic.json_default) + "\n")
-        (folder / "index.html").write_text(self.html())
+        text = json.dumps(self.data, indent=2, default=atomic.json_default) + "\n"
+        (folder / "report.json").write_bytes(text.encode("utf-8"))
+        (folder / "index.html").write_bytes(self.html().encode("utf-8"))
 
 
-def check_output_folder(out: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuse a folder holding another run (unless ``overwrite``) or one that cannot be written."""
+def check_output_folder(out: str | os.PathLike, *, overwrite: bool, claim: bool = False) -> Path:
+    """Refuse a folder holding another run (unless ``overwrite``) or one that cannot be written.
+
+    With ``claim`` the folder is first claimed for this run (:func:`uapx.atomic.claim`: a second
+    run on it is refused until :meth:`Report.write` or :func:`uapx.atomic.release` frees it), and
+    the temporary copies dead runs left beside it are removed."""
     out = Path(out)
+    if claim:
+        atomic.claim(out)
+    try:
+        return _check_output_folder(out, overwrite=overwrite)
+    except BaseException:
+        if claim:
+            atomic.release(out)
+        raise
+
+
+def _check_output_folder(out: Path, *, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise UapxError(f"output {str(out)!r} exists and is not a folder", "pass another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

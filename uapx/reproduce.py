@@ -32,7 +32,9 @@ STUDY = {  # dataset -> (natural model, adversarial model, eps)
     "mnist": ("zoo:mnist-natural", "zoo:mnist-l2", 2.0),
     "cifar10": ("zoo:cifar10-natural", "zoo:cifar10-l2", 0.5),
 }
-PLUGINS = ["average", "svd", "spectrum", "trajectory", "interpretability", "landscape"]
+PLUGINS = ["average", "svd", "spectrum", "trajectory", "interpretability", "landscape",
+           "local-linearity", "gradalign", "cure", "hessian", "subspace"]
+LANDSCAPE_MEASURES = ["local-linearity", "gradalign", "cure", "hessian"]  # per-image means, with control
 # The criteria, fixed in advance.
 MNIST_SLOW_DECAY = 0.5  # sigma5 / sigma1 at least this: "several universal directions" (talk: 1.8/2.7 = 0.67)
 CIFAR_DROP = 10.0  # sigma1 / sigma2 at least this: "an order-of-magnitude drop"
@@ -76,7 +78,7 @@ def reproduce(config: ReproduceConfig, *, registry: Registry | None = None) -> P
     """Run the study and write the combined report folder; returns its path."""
     reg = registry or get_registry()
     c = config
-    out = check_output_folder(c.out, overwrite=c.overwrite)
+    out = check_output_folder(c.out, overwrite=c.overwrite, claim=True)  # released once written
     reg.check_names(PLUGINS)
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
@@ -96,11 +98,16 @@ def reproduce(config: ReproduceConfig, *, registry: Registry | None = None) -> P
                            for m, r in runs.items()}
     report.data["config"] = asdict(c)
     _comparison_plots(report, runs, parts)
-    with atomic.atomic_path(out, directory=True) as tmp:
+    report.summaries["landscape"] = " ".join(
+        f"{m}: " + "; ".join(f"{k} {v['mean']:.4g} ± {v['se']:.2g} (control {v['control_mean']:.4g})"
+                             for k, v in _landscape_measures(r).items() if k != "subspace") + "."
+        for m, r in runs.items() if r)
+    with atomic.atomic_path(out, directory=True, replace=c.overwrite) as tmp:
         for model, rep in runs.items():
             if rep is not None:
                 shutil.copytree(parts / model.split(":", 1)[1], tmp / model.split(":", 1)[1])
         report.write_into(tmp)
+    atomic.release(out)
     shutil.rmtree(parts, ignore_errors=True)
     return out
 
@@ -126,7 +133,25 @@ def _run_digest(rep: dict) -> dict:
         "best_uap_fooling_rate": max((e["fooling_rate"] for n, e in rep["uaps"]["evaluations"].items()
                                       if ":class-" not in n), default=None),
         "random_fooling_rate": rep["uaps"]["random_baseline"]["fooling_rate"]["mean"],
+        "landscape_measures": _landscape_measures(rep),
     }
+
+
+def _landscape_measures(rep: dict) -> dict:
+    """Mean +- bootstrap s.e. of each landscape measure beside its control, and the subspace test's
+    held-out fooling rate at the largest k against random vectors (Wilson 95 % intervals)."""
+    out = {}
+    for name in LANDSCAPE_MEASURES:
+        m = _get(rep, "diagnostics", name)
+        if m:
+            out[name] = {"mean": m["measure"]["mean"], "se": m["measure"]["se"],
+                         "control_mean": m["control"]["mean"], "control_se": m["control"]["se"]}
+    sub = _get(rep, "diagnostics", "subspace")
+    if sub:
+        k = str(sub["k"][-1])
+        out["subspace"] = {"k": int(k), **{f"subspace_{a}": sub["subspace"][k][a] for a in ("fooling_rate", "wilson_95")},
+                           **{f"random_{a}": sub["random"][a] for a in ("fooling_rate", "wilson_95")}}
+    return out
 
 
 def _energy(rep: dict) -> float:

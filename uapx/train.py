@@ -135,6 +135,8 @@ def train(config: TrainConfig) -> dict:
     c = config.resolved()
     out = Path(c.out)
     ckpt_path = out.with_name(out.name + ".ckpt")
+    claim = atomic.claim(out)  # a second run on the same --out is refused; released at the end
+    atomic.remove_stale(ckpt_path)
     train_set = data.load(c.dataset, "train", c.data_root)
     test_set = data.load(c.dataset, "test", c.data_root)
     torch.manual_seed(c.seed)
@@ -253,6 +255,7 @@ def train(config: TrainConfig) -> dict:
                                     "steps": EARLY_STOP_STEPS, "stopped_at_epoch": stopped_at}
     save_model(out, model, c.arch, card=card, half=c.half)
     atomic.write_json(out.with_suffix(".json"), card)
+    claim.release()
     return card
 
 

@@ -144,6 +144,10 @@ def model_from_object(obj: Any, *, source: str, arch: str | None = None) -> tupl
     if isinstance(obj, nn.Module):
         return obj, {"format": "module"}
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        lacking = [k for k in ("arch", "state_dict") if not obj.get(k)]
+        if lacking:
+            raise UapxError(f"uapx checkpoint {source} lacks its {' and '.join(lacking)}",
+                            "re-save it with uapx.models.save_model (or 'uapx train')")
         model = build(arch or obj["arch"], **obj.get("arch_kwargs", {}))
         card = dict(obj.get("card", {}))
         card.setdefault("arch", obj["arch"])
