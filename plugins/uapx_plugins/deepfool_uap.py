@@ -50,6 +50,55 @@ def deepfool(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 10, ove
     return (1 + overshoot) * r_tot
 
 
+def deepfool_batch(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 10, overshoot: float = 0.02,
+                   num_candidates: int = 10) -> torch.Tensor:
+    """DeepFool for every image of a batch ``x`` ``(B, C, H, W)`` at once, L2; the same iteration as
+    :func:`deepfool` image by image (each image stops once its prediction changed).
+
+    Returns the perturbations ``r`` ``(B, C, H, W)`` (with overshoot).
+    """
+    b = x.shape[0]
+    with torch.no_grad():
+        logits = model(x)
+    orig = logits.argmax(1)
+    m = min(num_candidates, logits.shape[1])
+    cands = logits.argsort(1, descending=True)[:, :m]  # per image: the top classes, the original among them
+    keep = cands != orig[:, None]
+    # the m-1 other classes of each image (drop the original from its row)
+    others = torch.stack([row[k][: m - 1] for row, k in zip(cands, keep)]) if b else cands[:, 1:]
+    sel = torch.cat([orig[:, None], others], 1)  # (B, m)
+    r_tot = torch.zeros_like(x)
+    active = torch.ones(b, dtype=torch.bool, device=x.device)
+    for _ in range(max_iter):
+        idx = active.nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        xi = (x[idx] + (1 + overshoot) * r_tot[idx]).clamp(0, 1)
+        xr = xi.detach().unsqueeze(1).expand(-1, m, *x.shape[1:]).reshape(-1, *x.shape[1:]).clone()
+        xr.requires_grad_(True)
+        out = model(xr).view(idx.numel(), m, -1)  # (a, m, classes): copy j of image i
+        crossed = out[:, 0].argmax(1) != orig[idx]
+        s = sel[idx]
+        picked = out.gather(2, s[:, :, None]).squeeze(2)  # (a, m): logit of class s[i, j] on copy j
+        (grads,) = torch.autograd.grad(picked.sum(), xr)
+        grads = grads.view(idx.numel(), m, -1)
+        w = grads[:, 1:] - grads[:, :1]  # (a, m-1, d)
+        f = (picked[:, 1:] - picked[:, :1]).detach()  # (a, m-1)
+        wn = w.norm(dim=2)
+        dist = f.abs() / wn.clamp_min(1e-12)
+        dist[wn < 1e-12] = float("inf")
+        best = dist.argmin(1)
+        dj = dist.gather(1, best[:, None]).squeeze(1)
+        go = ~crossed & torch.isfinite(dj)
+        active[idx[~go]] = False
+        if go.any():
+            rows = go.nonzero().flatten()
+            wj = w[rows, best[rows]]
+            step = (dj[rows] + 1e-4)[:, None] * wj / wn[rows, best[rows]][:, None]
+            r_tot[idx[rows]] += step.view(-1, *x.shape[1:])
+    return (1 + overshoot) * r_tot
+
+
 class DeepFoolUAP(UAPMethod):
     """Universal perturbation by accumulating DeepFool steps (L2 ball of radius eps).
 
@@ -60,6 +109,13 @@ class DeepFoolUAP(UAPMethod):
     iterates (all-reduce), projected onto the eps-ball.  The fooling rate after each pass is over
     every rank's images (all-reduced counts), so every rank stops after the same pass.  In one
     process it is the sequential algorithm.
+
+    ``batch=B`` runs the *batched variant* of the sequential algorithm: the pass goes through the
+    sample in mini-batches of ``B`` images; for the images of a batch that ``x + v`` does not yet
+    fool, DeepFool runs on all of them at once (:func:`deepfool_batch`) from the same ``v``, and
+    ``v`` takes their summed steps (the sequential loop's update, with every step computed at the
+    batch's starting ``v``), projected onto the eps-ball.  ``batch=None`` (the default) is the
+    sequential algorithm; ``batch=1`` is it too, up to float rounding.
     """
 
     name = "deepfool-uap"
@@ -68,9 +124,13 @@ class DeepFoolUAP(UAPMethod):
     needs_model = True
 
     def __init__(self, *, passes: int = 1, delta: float = 0.2, max_iter: int = 10, overshoot: float = 0.02,
-                 max_images: int | None = 500, per_class: bool = False) -> None:
+                 max_images: int | None = 500, batch: int | None = None, per_class: bool = False) -> None:
+        if batch is not None and (int(batch) != batch or batch < 1):
+            raise uapx.UapxError(f"deepfool-uap.batch must be a whole number >= 1, got {batch}",
+                                 "pass --set deepfool-uap.batch=32, or leave it unset for the sequential loop")
         super().__init__(per_class=per_class, passes=passes, delta=delta, max_iter=max_iter, overshoot=overshoot,
-                         max_images=max_images)
+                         max_images=max_images, batch=batch)
+        self.batch = None if batch is None else int(batch)
         self.passes, self.delta, self.max_iter, self.overshoot = passes, delta, max_iter, overshoot
         self.max_images = max_images
 
@@ -90,7 +150,10 @@ class DeepFoolUAP(UAPMethod):
         history = []
         for p in range(self.passes):
             order = torch.randperm(x.shape[0], generator=g)[:n]
-            for i in tqdm(order.tolist(), desc=f"deepfool-uap eps {eps:g} pass {p + 1}", leave=False, unit="img",
+            if self.batch is not None:
+                v = self._batched_pass(model, x, clean, order, v, eps, f"deepfool-uap eps {eps:g} pass {p + 1}")
+            for i in tqdm(order.tolist() if self.batch is None else [],
+                          desc=f"deepfool-uap eps {eps:g} pass {p + 1}", leave=False, unit="img",
                           disable=not distributed.is_main()):
                 xi = x[i:i + 1]
                 with torch.no_grad():
@@ -112,6 +175,20 @@ class DeepFoolUAP(UAPMethod):
             if rate >= 1 - self.delta:
                 break
         return [Direction(v.reshape(-1).cpu(), meta={"fooling_rate_per_pass": history})]
+
+    def _batched_pass(self, model, x, clean, order, v, eps, desc):
+        """One pass of the batched variant over the images ``order``; returns the new ``v``."""
+        with tqdm(total=order.numel(), desc=desc, leave=False, unit="img", disable=not distributed.is_main()) as bar:
+            for s in range(0, order.numel(), self.batch):
+                idx = order[s:s + self.batch].to(x.device)
+                xb = (x[idx] + v).clamp(0, 1)
+                with torch.no_grad():
+                    todo = model(xb).argmax(1) == clean[idx]
+                if todo.any():
+                    r = deepfool_batch(model, xb[todo], max_iter=self.max_iter, overshoot=self.overshoot)
+                    v = project_l2(v + r.sum(0, keepdim=True), eps)
+                bar.update(idx.numel())
+        return v
 
 
 @uapx.hookimpl
