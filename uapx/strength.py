@@ -129,7 +129,7 @@ def card_entry(model: nn.Module, test_set: data.ImageSet, card: dict, *, n: int 
             "accuracy": strong, "accuracy_95ci": wilson(k, len(images)),
             "weak_attack_accuracy_same_images": weak,
             "weak_attack": {k2: atk[k2] for k2 in ("norm", "eps", "steps", "step_size", "random_start")},
-            "suspect": bool(weak - strong > SUSPECT_GAP), "suspect_rule": f"20-step minus strong > {SUSPECT_GAP}"}
+            "suspect": bool(weak - strong > SUSPECT_GAP), "suspect_rule": f"{atk['steps']}-step accuracy minus strong accuracy > {SUSPECT_GAP}"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     on_disk["strong_attack"] = {**entry, "command": command}
     atomic.write_json(card_path, on_disk)
     print(f"{card_path}: {entry['accuracy']:.4f} under {entry['steps']}-step PGD-{entry['norm'].upper()} x "
-          f"{entry['restarts']} restarts at eps {entry['eps']} ({entry['images']} images; 20-step "
+          f"{entry['restarts']} restarts at eps {entry['eps']} ({entry['images']} images; "
+          f"{entry['weak_attack']['steps']}-step "
           f"{entry['weak_attack_accuracy_same_images']:.4f}){' SUSPECT' if entry['suspect'] else ''}")
     return 0
 
