@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _LAZY: dict[str, tuple[str, ...]] = {
     "AnalyzeConfig": ("uapx.pipeline:AnalyzeConfig",),
     "AnalyzeResult": ("uapx.pipeline:AnalyzeResult",),
-    "Analysis": ("uapx.analysis:Analysis", "uapx.pipeline:Analysis"),
+    "Analysis": ("uapx.analysis:Analysis",),
     "attack_dataset": ("uapx.pipeline:attack_dataset",),
     "apply_uaps": ("uapx.pipeline:apply_uaps",),
     "load_data": ("uapx.data:load",),
@@ -47,7 +47,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     "UAPMethod": ("uapx.methods:UAPMethod",),
     "Direction": ("uapx.methods:Direction",),
     "UAP": ("uapx.methods:UAP",),
-    "MethodData": ("uapx.methods:MethodData",),
+    "MethodData": ("uapx.analysis:MethodData",),
     "load_uaps": ("uapx.methods:load_uaps",),
     "Diagnostic": ("uapx.diagnostics:Diagnostic",),
     "DiagnosticResult": ("uapx.diagnostics:DiagnosticResult",),

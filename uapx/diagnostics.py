@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from .pipeline import Analysis
+    from .analysis import Analysis
 
 
 @dataclass
@@ -35,15 +35,16 @@ class DiagnosticResult:
 class Diagnostic:
     """Base of diagnostic plugins.
 
-    Class attributes declare what a diagnostic needs: ``needs_model`` (gradients or predictions
-    of the model), ``needs_trajectories`` (recorded PGD trajectories, computed once by the
-    pipeline and shared), ``supports_distributed`` (gives the single-process answer when each
-    torchrun rank holds a shard of the perturbations, e.g. through :func:`uapx.linalg.gram`).
+    Class attributes declare what a diagnostic needs and can do: ``needs_trajectories`` (the
+    attack's recorded trajectories, :meth:`uapx.analysis.Analysis.trajectories`: the pipeline
+    records them once, in a stage of their own, before the diagnostics that declare it run),
+    ``supports_distributed`` (gives the single-process answer when each torchrun rank holds a
+    shard of the perturbations, e.g. through :func:`uapx.linalg.gram`; undeclared plugins are
+    refused under torchrun).
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    needs_model: ClassVar[bool] = True
     needs_trajectories: ClassVar[bool] = False
     supports_distributed: ClassVar[bool] = False  # correct when each rank holds a shard (torchrun)
 
@@ -54,5 +55,5 @@ class Diagnostic:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"
 
     def run(self, analysis: "Analysis") -> DiagnosticResult:
-        """Measure on ``analysis``; see :class:`uapx.pipeline.Analysis` for what it holds."""
+        """Measure on ``analysis``; see :class:`uapx.analysis.Analysis` for what it holds."""
         raise NotImplementedError

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import Analysis
+    from .analysis import Analysis
     from .report import Report
 
 
@@ -65,7 +65,7 @@ def add_uap_plots(report: "Report", analysis: "Analysis", baseline: dict) -> Non
     ax.errorbar([len(glob)], [vals[-1]], yerr=[baseline["fooling_rate"]["std"]], color="k", capsize=3)
     ax.set_xticks(range(len(vals)), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("fooling rate")
-    ax.set_title(f"Global UAPs vs random directions, L2 norm {analysis.config.eps:g}", fontsize=9)
+    ax.set_title(f"Global UAPs vs random directions, L2 norm {analysis.eps:g}", fontsize=9)
     report.add_plot("uaps", "fooling-rates", fig,
                     f"Fooling rate (prediction changed) of each global UAP and of {baseline['draws']} random "
                     "directions of the same norm (mean, error bar one standard deviation).")
@@ -78,8 +78,8 @@ def uap_summary(analysis: "Analysis", baseline: dict) -> str:
     best = max(glob, key=lambda u: analysis.evaluations[u.name].best.fooling_rate)
     fr = analysis.evaluations[best.name].best.fooling_rate
     rb = baseline["fooling_rate"]
-    return (f"Best global UAP: {best.name} fools {fr:.1%} of {analysis.n_images} images at L2 norm "
-            f"{analysis.config.eps:g}; random directions of that norm fool {rb['mean']:.1%} "
+    return (f"Best global UAP: {best.name} fools {fr:.1%} of {analysis.n_images} images at "
+            f"L2 norm {analysis.eps:g}; random directions of that norm fool {rb['mean']:.1%} "
             f"(sd {rb['std']:.1%}, {baseline['draws']} draws).")
 
 

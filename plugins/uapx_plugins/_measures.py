@@ -166,7 +166,7 @@ def selected_images(analysis, n: int, *, seed_offset: int) -> tuple[torch.Tensor
         raise uapx.UapxError("the landscape measures run in one process only", "run them without torchrun")
     if n < 1:
         raise uapx.UapxError(f"images must be >= 1, got {n}", "pass --set NAME.images=1 or more")
-    pos = stratified_draw(analysis.y, n, seed=analysis.config.seed + seed_offset)
+    pos = stratified_draw(analysis.y, n, seed=analysis.seed + seed_offset)
     return pos, analysis.x[pos], analysis.y[pos]
 
 

@@ -70,7 +70,7 @@ class CureDiagnostic(Diagnostic):
         self.images, self.h, self.direction, self.batch_size = images, h, direction, batch_size
 
     def run(self, analysis):
-        c = analysis.config
+        c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
         _, x, y = M.selected_images(analysis, self.images, seed_offset=301)
         norm = getattr(analysis.attack, "norm", "l2")
         direction = self.direction or ("sign" if norm == "linf" else "gradient")

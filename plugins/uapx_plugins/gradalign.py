@@ -51,7 +51,7 @@ class GradAlignDiagnostic(Diagnostic):
         self.images, self.batch_size = images, batch_size
 
     def run(self, analysis):
-        c = analysis.config
+        c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
         _, x, y = M.selected_images(analysis, self.images, seed_offset=201)
         norm = getattr(analysis.attack, "norm", "l2")
         g = torch.Generator().manual_seed(c.seed + 202)

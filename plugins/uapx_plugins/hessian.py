@@ -74,7 +74,7 @@ class HessianDiagnostic(Diagnostic):
         self.images, self.iters, self.batch_size = images, iters, batch_size
 
     def run(self, analysis):
-        c = analysis.config
+        c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
         _, x, y = M.selected_images(analysis, self.images, seed_offset=401)
         g = torch.Generator().manual_seed(c.seed + 402)
         lam, ctl = [], []

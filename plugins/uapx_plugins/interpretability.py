@@ -91,7 +91,6 @@ class InterpretabilityDiagnostic(Diagnostic):
     name = "interpretability"
     supports_distributed = True
     description = "UAP images and scores: cosine to class-mean differences, energy in the images' top PCs"
-    needs_model = False
 
     def __init__(self, *, components: int = 50, svd_vectors: int = 4) -> None:
         super().__init__(components=components, svd_vectors=svd_vectors)
@@ -102,7 +101,7 @@ class InterpretabilityDiagnostic(Diagnostic):
         d = int(torch.Size(x.shape[1:]).numel())
         n = analysis.n_images  # over every rank
         k = min(self.components, n - 1, d)
-        basis = principal_subspace(x, k, seed=analysis.config.seed)
+        basis = principal_subspace(x, k, seed=analysis.seed)
         diffs = class_mean_differences(x, y, analysis.num_classes)
         energy = {u.name: subspace_energy(u.vector, basis) for u in analysis.uaps}
         align = {}
@@ -112,7 +111,7 @@ class InterpretabilityDiagnostic(Diagnostic):
                 sign = analysis.evaluations[u.name].sign if u.name in analysis.evaluations else 1
                 v = u.vector.reshape(-1).double() * sign
                 align[u.name] = float(v @ ref / (v.norm() * ref.norm()).clamp_min(1e-300))
-        g = torch.Generator().manual_seed(analysis.config.seed + 11)
+        g = torch.Generator().manual_seed(analysis.seed + 11)
         rand = [subspace_energy(torch.randn(d, generator=g, dtype=torch.float64), basis) for _ in range(20)]
         glob = {n: e for n, e in energy.items() if ":class-" not in n}
         by_method: dict[str, list[float]] = {}

@@ -57,8 +57,7 @@ class LandscapeDiagnostic(Diagnostic):
         self.points, self.grid, self.random_dirs, self.images = points | 1, grid | 1, random_dirs, images
 
     def run(self, analysis):
-        c = analysis.config
-        model, dev, bs = analysis.model, c.device, c.batch_size
+        model, dev, bs = analysis.model, analysis.device, analysis.batch_size
         part = distributed.local_prefix(self.images, analysis.n_images)
         x, y = analysis.x[part], analysis.y[part]  # this rank's part of the global first `images`
         n = int(distributed.all_reduce_scalar(x.shape[0]))
@@ -71,10 +70,10 @@ class LandscapeDiagnostic(Diagnostic):
                                 dtype=torch.float64)
             return (distributed.all_reduce_(sums) / n).tolist()
 
-        eps = float(c.eps)
+        eps = analysis.eps
         ts = torch.linspace(-2 * eps, 2 * eps, self.points)
         h = float(ts[1] - ts[0])
-        g = torch.Generator().manual_seed(c.seed + 7)
+        g = torch.Generator().manual_seed(analysis.seed + 7)
         dirs: dict[str, torch.Tensor] = {}
         for u in analysis.uaps:
             if u.source_class is None and u.tag in ("", "v1"):

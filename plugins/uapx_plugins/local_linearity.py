@@ -74,7 +74,7 @@ class LocalLinearityDiagnostic(Diagnostic):
         self.images, self.steps, self.batch_size = images, steps, batch_size
 
     def run(self, analysis):
-        c = analysis.config
+        c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
         _, x, y = M.selected_images(analysis, self.images, seed_offset=101)
         norm = getattr(analysis.attack, "norm", "l2")
         g = torch.Generator().manual_seed(c.seed + 102)

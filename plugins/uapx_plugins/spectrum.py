@@ -39,7 +39,6 @@ class SpectrumDiagnostic(Diagnostic):
     name = "spectrum"
     supports_distributed = True
     description = "singular values of the perturbation matrix: decay, sigma1/sigma2, effective rank"
-    needs_model = False
 
     def __init__(self, *, top: int = 20, fraction: float = 0.5, center: bool = False) -> None:
         super().__init__(top=top, fraction=fraction, center=center)
@@ -66,7 +65,7 @@ class SpectrumDiagnostic(Diagnostic):
         ax.set_xlabel("index")
         ax.set_ylabel("singular value")
         ax.legend(fontsize=6, ncol=2)
-        ax.set_title(f"{analysis.config.model}, eps {pset.eps:g}", fontsize=9)
+        ax.set_title(f"{analysis.model_id}, eps {analysis.eps:g}", fontsize=9)
         s = glob["singular_values"]
         summary = (f"Top singular values {', '.join(f'{v:.3g}' for v in s[:5])}; sigma1/sigma2 = "
                    f"{glob['sigma1_over_sigma2']:.3g}; effective rank {glob['effective_rank']:.1f} of {pset.d}.")

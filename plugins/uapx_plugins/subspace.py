@@ -78,7 +78,7 @@ class SubspaceDiagnostic(Diagnostic):
         self.draws, self.max_k = draws, max_k
 
     def run(self, analysis):
-        c = analysis.config
+        c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
         if distributed.active():
             raise uapx.UapxError("subspace runs in one process only", "run it without torchrun")
         fit, held = M.half_split(analysis.y, seed=c.seed + 501)

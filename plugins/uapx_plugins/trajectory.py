@@ -8,7 +8,7 @@ and three references -- the talk's "cos sim to avg grad at final step" admits al
 - ``own_mean``: the image's own trajectory-average gradient mean_t g_i(t).
 
 Under torchrun each rank records its part of the global first ``trajectory_samples`` images
-(:meth:`uapx.pipeline.Analysis.trajectories`); the universal reference is the global mean of the
+(:meth:`uapx.analysis.Analysis.trajectories`); the universal reference is the global mean of the
 final-step gradients (all-reduced sum and count) and the per-image cosines ``(m, steps)`` are
 gathered, so every figure is the single-process one.  The restarts of the single image (global
 image 0) run on the rank that holds it; only rank 0 writes the report.
@@ -66,10 +66,10 @@ class TrajectoryDiagnostic(Diagnostic):
     def _restarts(self, analysis, universal: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
         """Cosines ``(steps, restarts)`` for one image (``index`` into this rank's ``x``) attacked
         from random starts in the eps-ball."""
-        a, c = analysis.attack, analysis.config
-        x = analysis.x[index:index + 1].expand(self.restarts, *analysis.x.shape[1:]).to(c.device)
-        y = analysis.y[index:index + 1].expand(self.restarts).to(c.device)
-        g = torch.Generator().manual_seed(c.seed + 13)
+        a, dev = analysis.attack, analysis.device
+        x = analysis.x[index:index + 1].expand(self.restarts, *analysis.x.shape[1:]).to(dev)
+        y = analysis.y[index:index + 1].expand(self.restarts).to(dev)
+        g = torch.Generator().manual_seed(analysis.seed + 13)
         _, traj = pgd_trajectory(analysis.model, x, y, norm=a.norm, eps=a.eps, steps=a.steps,
                                  step_size=a.step_size, random_start=True, record=True, generator=g)
         return trajectory_cosines(traj.grads, universal)
