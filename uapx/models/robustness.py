@@ -1,4 +1,4 @@
-"""Checkpoints of MadryLab's ``robustness`` library (their pretrained CIFAR-10 models).
+"""Checkpoints of MadryLab's ``robustness`` library (their pretrained CIFAR-10 and ImageNet models).
 
 ``robustness.train`` saves (``torch.save``, pickled with ``dill``)::
 
@@ -12,6 +12,11 @@
 (:class:`~uapx.models.architectures.RobustnessResNet`, keys 1:1 after stripping ``module.model.``)
 and turns the normaliser into the model's :class:`~uapx.models.architectures.Normalize` layer, so
 the model takes images in [0, 1] like every uapx model.
+
+Their ImageNet models (``robustness/imagenet_models/resnet.py``) are torchvision's ResNets with
+torchvision's module names (``conv1`` 7x7, ``layer1``.., ``downsample``, ``fc``); they load into
+``torchvision.models.resnet*`` (chosen by the block layout; ``wide_resnet*_2`` by the width) behind
+the checkpoint's own normaliser (:class:`~uapx.models.factory.Normalized`).
 """
 from __future__ import annotations
 
@@ -74,12 +79,50 @@ def infer_arch(sd: Mapping[str, torch.Tensor]) -> str:
 
     Falls back to ResNet-50 (their published CIFAR-10 models); loading then names what differs.
     """
+    return _DEPTHS.get(_block_layout(sd), DEFAULT)
+
+
+# (blocks per stage, bottleneck, wide) -> torchvision factory of robustness's ImageNet ResNets
+_IMAGENET = {((2, 2, 2, 2), False, False): "resnet18", ((3, 4, 6, 3), False, False): "resnet34",
+             ((3, 4, 6, 3), True, False): "resnet50", ((3, 4, 23, 3), True, False): "resnet101",
+             ((3, 8, 36, 3), True, False): "resnet152", ((3, 4, 6, 3), True, True): "wide_resnet50_2",
+             ((3, 4, 23, 3), True, True): "wide_resnet101_2"}
+
+
+def _block_layout(sd: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], bool]:
     blocks = []
     for stage in range(1, 5):
         idx = [int(m.group(1)) for k in sd if (m := re.match(rf"layer{stage}\.(\d+)\.", k))]
         blocks.append(max(idx) + 1 if idx else 0)
-    bottleneck = any(re.match(r"layer\d+\.\d+\.conv3\.", k) for k in sd)
-    return _DEPTHS.get((tuple(blocks), bottleneck), DEFAULT)
+    return tuple(blocks), any(re.match(r"layer\d+\.\d+\.conv3\.", k) for k in sd)
+
+
+def is_imagenet(sd: Mapping[str, torch.Tensor]) -> bool:
+    """Whether converted keys ``sd`` are of an ImageNet ResNet (7x7 stem, ``fc`` head)."""
+    stem = sd.get("conv1.weight")
+    return "fc.weight" in sd and stem is not None and tuple(stem.shape[-2:]) == (7, 7)
+
+
+def imagenet_model(sd: Mapping[str, torch.Tensor], *, source: str) -> tuple[nn.Module, str]:
+    """``(model, torchvision name)``: the torchvision ResNet behind the checkpoint's normaliser,
+    with the weights of ``sd`` (converted keys) loaded."""
+    import torchvision.models as tvm
+
+    from .checkpoints import load_state
+    from .factory import Normalized
+
+    blocks, bottleneck = _block_layout(sd)
+    width = sd.get("layer1.0.conv1.weight")
+    wide = bottleneck and width is not None and int(width.shape[0]) == 128
+    name = _IMAGENET.get((blocks, bottleneck, wide), "resnet50")
+    net = getattr(tvm, name)(weights=None, num_classes=int(sd["fc.weight"].shape[0]))
+    mean, std = sd.get("normalize.mean"), sd.get("normalize.std")
+    model = Normalized(net, mean.flatten().tolist() if mean is not None else [0.0] * 3,
+                       std.flatten().tolist() if std is not None else [1.0] * 3)
+    wrapped = {("normalize." + k[len("normalize."):] if k.startswith("normalize.") else "model." + k): v
+               for k, v in sd.items()}
+    load_state(model, wrapped, source=source)
+    return model, name
 
 
 def model_from_checkpoint(obj: Mapping[str, Any], *, source: str,
@@ -99,12 +142,20 @@ def model_from_checkpoint(obj: Mapping[str, Any], *, source: str,
     if raw is None:
         return None
     sd = convert(raw)
+    if arch is None and is_imagenet(sd):
+        model, tv_name = imagenet_model(sd, source=source)
+        card: dict[str, Any] = {"format": "robustness", "arch": f"robustness-imagenet-{tv_name}",
+                                "torchvision": f"torchvision.models:{tv_name}"}
+        return model, _with_epoch(card, obj)
     name = arch or infer_arch(sd)
     linear = sd.get("linear.weight")
     model = build(name, num_classes=int(linear.shape[0])) if linear is not None else build(name)
     load_state(model, sd, source=source)
-    card: dict[str, Any] = {"format": "robustness", "arch": name}
+    return model, _with_epoch({"format": "robustness", "arch": name}, obj)
+
+
+def _with_epoch(card: dict, obj: Mapping[str, Any]) -> dict:
     epoch = obj.get("epoch")
     if isinstance(epoch, (int, torch.Tensor)):
         card["epoch"] = int(epoch)
-    return model, card
+    return card
