@@ -159,14 +159,19 @@ def summary(values: torch.Tensor, *, seed: int) -> dict:
 # -- the pipeline side ----------------------------------------------------------------------------
 
 
-def selected_images(analysis, n: int, *, seed_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+IMAGE_SEED_OFFSET = 101
+"""The four per-image measures draw with the same seed, so with equal ``images`` they measure the
+same images (paired comparisons across measures)."""
+
+
+def selected_images(analysis, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Positions, images ``(m, C, H, W)`` and labels ``(m,)`` of a seeded class-stratified draw of
     ``n`` of the analysed images (one process only)."""
     if distributed.active():
         raise uapx.UapxError("the landscape measures run in one process only", "run them without torchrun")
     if n < 1:
         raise uapx.UapxError(f"images must be >= 1, got {n}", "pass --set NAME.images=1 or more")
-    pos = stratified_draw(analysis.y, n, seed=analysis.seed + seed_offset)
+    pos = stratified_draw(analysis.y, n, seed=analysis.seed + IMAGE_SEED_OFFSET)
     return pos, analysis.x[pos], analysis.y[pos]
 
 

@@ -71,7 +71,7 @@ class CureDiagnostic(Diagnostic):
 
     def run(self, analysis):
         c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
-        _, x, y = M.selected_images(analysis, self.images, seed_offset=301)
+        _, x, y = M.selected_images(analysis, self.images)
         norm = getattr(analysis.attack, "norm", "l2")
         direction = self.direction or ("sign" if norm == "linf" else "gradient")
         h = float(self.h if self.h is not None else c.eps)

@@ -52,7 +52,7 @@ class GradAlignDiagnostic(Diagnostic):
 
     def run(self, analysis):
         c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
-        _, x, y = M.selected_images(analysis, self.images, seed_offset=201)
+        _, x, y = M.selected_images(analysis, self.images)
         norm = getattr(analysis.attack, "norm", "l2")
         g = torch.Generator().manual_seed(c.seed + 202)
         ga, ctl = [], []

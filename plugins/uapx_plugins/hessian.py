@@ -75,7 +75,7 @@ class HessianDiagnostic(Diagnostic):
 
     def run(self, analysis):
         c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
-        _, x, y = M.selected_images(analysis, self.images, seed_offset=401)
+        _, x, y = M.selected_images(analysis, self.images)
         g = torch.Generator().manual_seed(c.seed + 402)
         lam, ctl = [], []
         for b in M.batches(len(y), self.batch_size):
