@@ -11,7 +11,6 @@ class AlignmentDiagnostic(Diagnostic):
 
     name = "alignment"
     description = "cosine of each perturbation with the mean perturbation, against a random direction"
-    needs_model = False
 
     def run(self, analysis):
         deltas = analysis.pset.matrix()                      # (N, d), one row per image
