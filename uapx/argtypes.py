@@ -118,12 +118,19 @@ def _check_path_text(text: str, fix: str) -> Path:
 
 def _name_max(path: Path) -> int:
     probe = path.absolute()
-    while not probe.exists() and probe != probe.parent:
+    while not _exists(probe) and probe != probe.parent:
         probe = probe.parent
     try:
         return int(os.pathconf(probe, "PC_NAME_MAX"))
     except (OSError, ValueError, AttributeError):
         return 255
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long to look up
+        return False
 
 
 def input_path(text: str) -> str:
@@ -144,7 +151,7 @@ def output_path(text: str) -> str:
                       f"'.<name>.tmp-*' beside it, and the file system allows {limit})",
                       f"pass an --out whose last part has at most {limit - TMP_SUFFIX_LEN} bytes")
     for parent in path.absolute().parents:
-        if parent.exists():
+        if _exists(parent):
             if not parent.is_dir():
                 raise _refuse(f"cannot write {text!r}: {str(parent)!r} is a file, not a folder",
                               "pass an --out in a folder")

@@ -6,6 +6,7 @@ reuse one attack run.  Plugins are found through the registry only.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -215,12 +216,18 @@ def attack_dataset(config: AnalyzeConfig, *, chunk_size: int = 4096, registry: R
                  "chunk_size": chunk_size}
     meta = {**s.meta, "shape": list(s.meta["shape"]), "data": data_meta}
     if world == 1:
+        fresh = not Path(c.out).exists()
         with atomic.claim(c.out, inside=True):  # a second run on the same --out is refused
             writer = PerturbationWriter(c.out, meta)
             if writer.complete:
                 return PerturbationSet.load(c.out)
-            return perturb(s.model, s.images, s.attack, batch_size=c.batch_size, device=c.device, meta=s.meta,
-                           writer=writer, chunk_size=chunk_size)
+            try:
+                return perturb(s.model, s.images, s.attack, batch_size=c.batch_size, device=c.device,
+                               meta=s.meta, writer=writer, chunk_size=chunk_size)
+            except BaseException:
+                if fresh and writer.rows_done == 0:  # nothing to resume: leave no empty set folder
+                    shutil.rmtree(c.out, ignore_errors=True)
+                raise
     # torchrun: each rank writes its shard as a complete set of its own; rank 0 lists the parts
     parts = [f"rank-{r:05d}" for r in range(world)]
     writer = PerturbationWriter(Path(c.out) / parts[ranks], {**meta, "part": [ranks, world]})
@@ -249,7 +256,7 @@ def plan(c: AnalyzeConfig, reg: Registry) -> Plan:
     unknown names and bad settings fail here, before any work."""
     components = reg.check_names(c.plugins)
     attack_comp = reg.get(c.attack, "attack")
-    plugin_settings.check_run(c.plugin_settings, [attack_comp, *components])
+    plugin_settings.check_run(c.plugin_settings, [attack_comp, *components], offered={"k": c.k})
     if distributed.init_from_env(c.device):  # every built-in reduces across ranks; others must say they do
         unsupported = [comp.name for comp in components if not getattr(comp.cls, "supports_distributed", False)]
         if unsupported:
@@ -312,7 +319,8 @@ def build_uaps(analysis: Analysis, methods: list[Component], c: AnalyzeConfig) -
     (model-based methods optimise on the analysis, a :class:`MethodData`)."""
     for comp in methods:
         method = _instantiate(comp.cls, c.plugin_settings.get(comp.name, {}), {"k": c.k})
-        analysis.uaps += _run_plugin(comp.name, lambda: method(analysis.pset, analysis.eps, data=analysis))
+        analysis.uaps += _run_plugin(comp.name, lambda: contract.method_uaps(
+            comp.name, method(analysis.pset, analysis.eps, data=analysis)))
 
 
 def evaluate_uaps(analysis: Analysis, preds: Predictions, c: AnalyzeConfig,
@@ -353,7 +361,7 @@ def run_diagnostics(analysis: Analysis, diagnostics: list[Component], c: Analyze
     for comp in diagnostics:
         with timer(f"diagnostic:{comp.name}"):
             diag = _instantiate(comp.cls, c.plugin_settings.get(comp.name, {}))
-            res = _run_plugin(comp.name, lambda: diag.run(analysis))
+            res = _run_plugin(comp.name, lambda: contract.diagnostic_result(comp.name, diag.run(analysis)))
             results[comp.name] = {"plugin": repr(diag), **res.figures}
             for name, fig, caption in res.plots:
                 report.add_plot(comp.name, name, fig, caption)
@@ -388,6 +396,7 @@ def write_report(report: Report, out: Path, config: AnalyzeConfig, c: AnalyzeCon
         "model": s.card,
         "data": {"dataset": images.name, "split": images.split, "source": images.source,
                  "n_images": len(preds.y), "shape": list(images.shape),
+                 "unreadable_skipped": {"count": len(images.skipped), "files": images.skipped[:20]},
                  **({"ranks": distributed.world_size()} if distributed.active() else {})},
         "attack": {"plugin": repr(s.attack), **attack_figures(analysis.pset, preds)},
         "uaps": uaps,

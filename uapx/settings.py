@@ -156,13 +156,27 @@ def check_selected(settings: dict[str, dict], selected: list[str]) -> None:
                             f"add {plugin} to --plugins (or --attack), or drop the --set")
 
 
-def check_run(settings: dict[str, dict], components: list) -> None:
+def check_run(settings: dict[str, dict], components: list, offered: dict[str, Any] | None = None) -> None:
     """Before any work: every ``settings`` entry names a component of the run (registry
-    :class:`~uapx.registry.Component` objects) and passes :func:`convert`."""
+    :class:`~uapx.registry.Component` objects) and passes :func:`convert`; every method and
+    diagnostic is built once with its settings (over the run's ``offered`` ones, e.g. ``k``, where
+    its constructor takes them), so a constructor's own checks (``k >= 1``) fail here too."""
     by_name = {c.name: c for c in components}
     check_selected(settings, list(by_name))
-    for plugin, values in settings.items():
-        convert(plugin, by_name[plugin].cls, values)
+    converted = {plugin: convert(plugin, by_name[plugin].cls, values) for plugin, values in settings.items()}
+    for comp in components:
+        if comp.kind == "attack":  # built from the attack options right after this
+            continue
+        params = parameters(comp.cls)
+        kwargs = {k: v for k, v in (offered or {}).items() if k in params}
+        kwargs.update(converted.get(comp.name, {}))
+        try:
+            comp.cls(**kwargs)
+        except UapxError:
+            raise
+        except Exception as exc:
+            raise UapxError(f"bad settings for plugin {comp.name!r}: {type(exc).__name__}: {exc}",
+                            "check --set NAME.KEY=VALUE ('uapx plugins --settings')") from None
 
 
 def _show(value: Any) -> str:
@@ -184,3 +198,23 @@ def describe(cls: type) -> list[tuple[str, str, str]]:
     if takes_any(cls):
         rows.append(("**", "any value", ""))
     return rows
+
+
+class Configurable:
+    """Base of plugin classes (methods, diagnostics, attacks): a plugin's settings are written once.
+
+    The constructor's keyword parameters are the settings (:func:`parameters`) and the plugin keeps
+    each as the attribute of the same name; :meth:`settings` and ``repr`` read them back, so
+    reports, logs and test ids name a plugin exactly as it ran.
+    """
+
+    def settings(self) -> dict[str, Any]:
+        """``{key: value}`` of every constructor setting, read from the attribute of the same name:
+        the plugin's own settings first, then those its base classes declare (e.g. ``per_class``)."""
+        keys = [k for k in parameters(type(self)) if hasattr(self, k)]
+        inherited = {k for base in type(self).__mro__[1:] if issubclass(base, Configurable)
+                     and "__init__" in vars(base) for k in parameters(base)}
+        return {k: getattr(self, k) for k in sorted(keys, key=lambda k: k in inherited)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings().items())})"

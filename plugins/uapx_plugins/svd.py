@@ -21,6 +21,8 @@ class SVDUAP(UAPMethod):
     def __init__(self, *, k: int = 5, center: bool = False, solver: str = "gram", per_class: bool = True) -> None:
         if solver not in ("gram", "lapack"):
             raise uapx.UapxError(f"unknown svd solver {solver!r}", "choose gram or lapack")
+        if k < 1:
+            raise uapx.UapxError(f"svd: k must be >= 1 (directions asked for), got {k}", "pass --k 1 or more")
         super().__init__(per_class=per_class, k=k, center=center, solver=solver)
         self.k, self.center, self.solver = k, center, solver
 
