@@ -147,3 +147,93 @@ def test_trajectory_samples_sets_how_many_trajectories_are_recorded(capsys, tmp_
     assert traj["images"] == 7 and traj["steps"] == 3
     code, _, err = run(capsys, "analyze", "--trajectory-samples", "0", "--out", str(tmp_path / "bad"))
     assert code == 2 and "--trajectory-samples" in err and not (tmp_path / "bad").exists()
+
+
+def _defaults_of(parser, command):
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {a.dest: a.default for a in sub._actions if a.dest not in ("help",)}, sub
+
+
+@pytest.mark.parametrize("command, owner", [("analyze", "AnalyzeConfig"), ("attack", "AnalyzeConfig"),
+                                            ("train", "TrainConfig"), ("reproduce", "ReproduceConfig")])
+def test_every_option_takes_its_default_from_the_config_dataclass_and_has_help(command, owner):
+    import dataclasses
+
+    from uapx import pipeline, reproduce, train
+    from uapx.cli import build_parser
+
+    cls = {"AnalyzeConfig": pipeline.AnalyzeConfig, "TrainConfig": train.TrainConfig,
+           "ReproduceConfig": reproduce.ReproduceConfig}[owner]
+    fields = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+              for f in dataclasses.fields(cls)}
+    defaults, sub = _defaults_of(build_parser(installed=False), command)
+    own = {"n_samples"} if command == "attack" else set()  # attack saves the whole split by default
+    shared = [d for d in defaults if d in fields and d not in own and d != "out"]
+    assert len(shared) >= 8
+    for dest in shared:
+        assert defaults[dest] == fields[dest], dest
+    for action in sub._actions:
+        assert action.help and len(action.help) > 8, action.dest  # every option explains itself
+
+
+def test_apply_defaults_come_from_apply_uaps():
+    import inspect
+
+    from uapx.cli import build_parser
+    from uapx.pipeline import apply_uaps
+
+    defaults, _ = _defaults_of(build_parser(installed=False), "apply")
+    sig = inspect.signature(apply_uaps).parameters
+    for dest in ("dataset", "split", "n_samples", "batch_size", "draws", "seed", "device", "out"):
+        assert defaults[dest] == sig[dest].default, dest
+
+
+def test_help_lists_architectures_attacks_and_zoo_models(capsys):
+    from uapx.models import ARCHITECTURES, zoo
+
+    code, out, _ = run(capsys, "analyze", "--help")
+    assert code == 0
+    flat = " ".join(out.split())
+    assert all(a in flat for a in ARCHITECTURES)
+    assert "pgd-l2" in flat and "pgd-linf" in flat
+    assert all(f"zoo:{n}" in flat for n in zoo.names())
+
+
+def test_zoo_lists_every_card_with_its_accuracies(capsys):
+    from uapx.models import zoo
+
+    code, out, _ = run(capsys, "zoo")
+    assert code == 0
+    for name in zoo.names():
+        card = zoo.card(name)
+        row = next(line for line in out.splitlines() if line.startswith(f"zoo:{name} "))
+        assert f"{100 * card['clean_accuracy']:.2f}%" in row and f"{100 * card['robust_accuracy']:.2f}%" in row
+
+
+def test_plugins_settings_lists_constructor_keys_with_defaults(capsys):
+    code, out, _ = run(capsys, "plugins", "--settings")
+    assert code == 0
+    assert "--set svd.k=...  a whole number; default 5" in out
+    assert "--set svd.center=...  true/false; default false" in out
+    assert "--set sgd-uap.step_size=...  a number or none; default none" in out
+    assert "--set pgd-l2.eps=...  a number; default --eps" in out
+
+
+def test_disabling_a_plugin_works_before_and_after_the_subcommand(capsys):
+    for argv in (["-p", "no:average", "plugins"], ["plugins", "-p", "no:average"]):
+        code, out, _ = run(capsys, *argv)
+        rows = [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
+        assert code == 0 and "average" not in rows and "svd" in rows
+        assert "disabled  plugin 'average'" in out
+
+
+def test_set_values_are_converted_to_the_constructor_types():
+    from uapx.registry import get_registry
+    from uapx.settings import convert
+
+    svd = get_registry().get("svd").cls
+    assert convert("svd", svd, {"k": "3", "center": "yes", "solver": "lapack"}) == \
+        {"k": 3, "center": True, "solver": "lapack"}
+    sgd = get_registry().get("sgd-uap").cls
+    assert convert("sgd-uap", sgd, {"step_size": "none", "loss_clip": "2"}) == {"step_size": None, "loss_clip": 2.0}
+    assert convert("sgd-uap", sgd, {"epochs": 4}) == {"epochs": 4}  # Python values pass as they are
