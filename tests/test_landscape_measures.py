@@ -175,7 +175,10 @@ def test_analyze_runs_the_measures_and_reports_them(tmp_path):
         assert sum(fig["images_per_class"].values()) == 20 and max(fig["images_per_class"].values()) <= 4
         assert fig["measure"]["se"] > 0 and "control" in fig
     sub = rep["diagnostics"]["subspace"]
-    assert sub["fit_images"] + sub["held_out_images"] == 60 and sub["k"][-1] <= 30
+    assert sub["fit_images"] + sub["held_out_images"] == 60 and sub["k"][-1] <= 30 and sub["radius"] == sub["eps"]
+    assert sum(sub["held_out_images_per_class"].values()) == sub["held_out_images"]
+    positions = [rep["diagnostics"][n]["positions"] for n in names[:4]]
+    assert all(p == positions[0] for p in positions) and len(set(positions[0])) == 20  # one draw for all
     sections = {p["section"] for p in rep["plots"]}
     assert set(names) <= sections
     assert all((res.out / p["file"]).is_file() for p in rep["plots"])

@@ -71,7 +71,7 @@ class CureDiagnostic(Diagnostic):
 
     def run(self, analysis):
         c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
-        _, x, y = M.selected_images(analysis, self.images)
+        pos, x, y = M.selected_images(analysis, self.images)
         norm = getattr(analysis.attack, "norm", "l2")
         direction = self.direction or ("sign" if norm == "linf" else "gradient")
         h = float(self.h if self.h is not None else c.eps)
@@ -84,7 +84,7 @@ class CureDiagnostic(Diagnostic):
             ctl.append(r.cpu())
         return M.measure_result("cure", "CURE curvature", torch.cat(cur), torch.cat(ctl),
                                 "along a random direction", y, seed=c.seed,
-                                extra={"h": h, "direction": direction})
+                                extra={"positions": pos.tolist(), "h": h, "direction": direction})
 
 
 @uapx.hookimpl

@@ -52,7 +52,7 @@ class GradAlignDiagnostic(Diagnostic):
 
     def run(self, analysis):
         c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
-        _, x, y = M.selected_images(analysis, self.images)
+        pos, x, y = M.selected_images(analysis, self.images)
         norm = getattr(analysis.attack, "norm", "l2")
         g = torch.Generator().manual_seed(c.seed + 202)
         ga, ctl = [], []
@@ -63,7 +63,7 @@ class GradAlignDiagnostic(Diagnostic):
             ctl.append(r.cpu())
         return M.measure_result("gradalign", "GradAlign cosine", torch.cat(ga), torch.cat(ctl),
                                 "cosine with a random direction", y, seed=c.seed,
-                                extra={"eps": float(c.eps), "norm": norm})
+                                extra={"positions": pos.tolist(), "eps": float(c.eps), "norm": norm})
 
 
 @uapx.hookimpl

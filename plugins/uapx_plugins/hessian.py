@@ -75,7 +75,7 @@ class HessianDiagnostic(Diagnostic):
 
     def run(self, analysis):
         c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
-        _, x, y = M.selected_images(analysis, self.images)
+        pos, x, y = M.selected_images(analysis, self.images)
         g = torch.Generator().manual_seed(c.seed + 402)
         lam, ctl = [], []
         for b in M.batches(len(y), self.batch_size):
@@ -85,7 +85,7 @@ class HessianDiagnostic(Diagnostic):
             ctl.append(r.cpu())
         return M.measure_result("hessian", "top Hessian eigenvalue", torch.cat(lam), torch.cat(ctl),
                                 "curvature r^T H r of a random direction", y, seed=c.seed,
-                                extra={"iters": self.iters})
+                                extra={"positions": pos.tolist(), "iters": self.iters})
 
 
 @uapx.hookimpl

@@ -75,7 +75,7 @@ class LocalLinearityDiagnostic(Diagnostic):
 
     def run(self, analysis):
         c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
-        _, x, y = M.selected_images(analysis, self.images)
+        pos, x, y = M.selected_images(analysis, self.images)
         norm = getattr(analysis.attack, "norm", "l2")
         g = torch.Generator().manual_seed(c.seed + 102)
         gam, rnd = [], []
@@ -86,7 +86,8 @@ class LocalLinearityDiagnostic(Diagnostic):
             rnd.append(r.cpu())
         return M.measure_result("gamma", "gamma(eps, x)", torch.cat(gam), torch.cat(rnd),
                                 "g at a uniform random point of the ball", y, seed=c.seed,
-                                extra={"eps": float(c.eps), "norm": norm, "steps": self.steps})
+                                extra={"positions": pos.tolist(), "eps": float(c.eps), "norm": norm,
+                                       "steps": self.steps})
 
 
 @uapx.hookimpl

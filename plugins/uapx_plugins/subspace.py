@@ -12,8 +12,10 @@ k of a log grid (1, 2, 5, 10, 20, 50, 100, capped at the rank) ``draws`` vectors
 ``v = eps V_k^T c / ||c||`` with ``c ~ N(0, I_k)`` are applied to the *held-out* half, and the
 fooling rate (prediction of ``clamp(x + v, 0, 1)`` differs from the clean one) is pooled over
 draws and images, with a Wilson 95 % interval (trials treated as independent) and the s.d.
-over draws.  Control: ``draws`` isotropic random vectors of the same norm eps on the same
-held-out images.
+over draws.  Control: ``draws`` isotropic random vectors of the same norm on the same
+held-out images.  The norm is the run's eps unless ``radius`` is set: the paper compares at the
+norm of a universal perturbation that fools most images, which can be several times the
+per-image budget.
 """
 from __future__ import annotations
 
@@ -70,12 +72,14 @@ class SubspaceDiagnostic(Diagnostic):
     name = "subspace"
     description = "subspace test of Moosavi-Dezfooli et al. 2017: held-out fooling of random vectors in the top-k singular span"
 
-    def __init__(self, *, draws: int = 10, max_k: int = 100) -> None:
-        super().__init__(draws=draws, max_k=max_k)
+    def __init__(self, *, draws: int = 10, max_k: int = 100, radius: float | None = None) -> None:
+        super().__init__(draws=draws, max_k=max_k, radius=radius)
         if draws < 1 or max_k < 1:
             raise uapx.UapxError(f"subspace.draws and subspace.max_k must be >= 1, got {draws} and {max_k}",
                                  "pass --set subspace.draws=10 --set subspace.max_k=100")
-        self.draws, self.max_k = draws, max_k
+        if radius is not None and not radius > 0:
+            raise uapx.UapxError(f"subspace.radius must be > 0, got {radius}", "pass --set subspace.radius=4 (an L2 norm)")
+        self.draws, self.max_k, self.radius = draws, max_k, radius
 
     def run(self, analysis):
         c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
@@ -88,7 +92,7 @@ class SubspaceDiagnostic(Diagnostic):
         ks = [k for k in K_GRID if k <= min(self.max_k, d.shape[0], d.shape[1])]
         basis = top_right_singular_vectors(d, max(ks))
         x, clean = analysis.x[held], analysis.clean_pred[held]
-        eps, n = float(c.eps), len(held)
+        eps, n = float(self.radius if self.radius is not None else c.eps), len(held)  # the vectors' norm
         g = torch.Generator().manual_seed(c.seed + 502)
         kw = dict(batch_size=c.batch_size, device=c.device)
         by_k = {}
@@ -98,7 +102,7 @@ class SubspaceDiagnostic(Diagnostic):
         rnd = torch.randn(self.draws, d.shape[1], generator=g)
         rnd = rnd * (eps / rnd.norm(dim=1, keepdim=True))
         control = rate(fooled_counts(analysis.model, x, clean, rnd, **kw), n)
-        figures = {"eps": eps, "fit_images": len(fit), "held_out_images": n,
+        figures = {"radius": eps, "eps": float(c.eps), "fit_images": len(fit), "held_out_images": n,
                    "fit_images_per_class": M.class_counts(analysis.y[fit]),
                    "held_out_images_per_class": M.class_counts(analysis.y[held]),
                    "split": "seeded class-stratified half of the analysed images (fit: SVD; held out: fooling)",
