@@ -75,6 +75,13 @@ def names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+def disable(text: str) -> str:
+    """``-p no:NAME``: the plugin (entry point) NAME to disable."""
+    if not text.startswith("no:") or not text[3:]:
+        raise _refuse(f"-p takes no:NAME, got {text!r}", "write -p no:NAME to disable plugin NAME")
+    return text
+
+
 def device(text: str) -> str:
     """A torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:1``, ...)."""
     import torch

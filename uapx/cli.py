@@ -51,7 +51,7 @@ def _opt(p: argparse.ArgumentParser, owner, name: str, help: str, *, flag: str |
 
 
 def _plugin_opt(p: argparse.ArgumentParser, dest: str) -> None:
-    p.add_argument("-p", dest=dest, action="append", default=[], metavar="no:NAME",
+    p.add_argument("-p", dest=dest, action="append", default=[], metavar="no:NAME", type=argtypes.disable,
                    help="disable the plugin (entry point) NAME, e.g. -p no:average; repeatable (before or "
                         "after the subcommand)")
 
@@ -79,11 +79,31 @@ def _add_model_args(p: argparse.ArgumentParser, owner, zoo_names: list[str]) -> 
     from .models import ARCHITECTURES
 
     models = ", ".join(f"zoo:{n}" for n in zoo_names) or "none installed"
-    _opt(p, owner, "model", f"the model: zoo:NAME ({models}) or a checkpoint path", type=argtypes.input_path,
-         shown="zoo:<dataset>-natural")
+    _opt(p, owner, "model", f"the model: zoo:NAME ({models}), a checkpoint path, or a factory MODULE:CALLABLE "
+         "(e.g. torchvision.models:resnet18)", type=argtypes.input_path, shown="zoo:<dataset>-natural")
     _opt(p, owner, "arch", "architecture of a plain state_dict checkpoint", choices=list(ARCHITECTURES),
          shown="read from the checkpoint")
-    _opt(p, owner, "split", "data split", choices=["train", "test"])
+    if owner is AnalyzeConfig_():  # the user's own model and images (uapx.models.factory, uapx.image_sources)
+        from .models.factory import NORMALIZATIONS, checked_normalize, parse_model_args
+
+        _opt(p, owner, "model_args", "keyword arguments of a factory --model, KEY=VALUE,... (values read as "
+             "Python literals, e.g. num_classes=10)", type=parse_model_args, metavar="KEY=VALUE,...",
+             shown="none")
+        _opt(p, owner, "weights", "state_dict file (or checkpoint dict holding one) loaded into a factory --model",
+             type=argtypes.input_path, metavar="FILE", shown="the factory's own")
+        _opt(p, owner, "normalize", f"normalisation layer in front of the model (inputs are images in [0, 1]): "
+             f"{', '.join(NORMALIZATIONS)} or MEAN;STD per channel, e.g. '0.5,0.5,0.5;0.25,0.25,0.25'",
+             type=checked_normalize, metavar="NAME|MEAN;STD", shown="none")
+        _opt(p, owner, "image_size", "imagefolder: resize the shorter side to S and centre-crop S x S",
+             type=argtypes.whole(1), metavar="S", shown="the images' own size")
+    _opt(p, owner, "split", "data split (val: imagefolder only; test falls back to val there)",
+         choices=["train", "val", "test"])
+
+
+def AnalyzeConfig_():  # noqa: N802 - the class, imported late (cli loads fast)
+    from .pipeline import AnalyzeConfig
+
+    return AnalyzeConfig
 
 
 def _add_attack_args(p: argparse.ArgumentParser, attacks: list[str]) -> None:
@@ -398,4 +418,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def console_main() -> int:
     """The ``uapx`` console script."""
-    sys.exit(main())
+    import os
+
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # the output was piped into e.g. head, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
+    sys.exit(code)
