@@ -88,3 +88,9 @@ def test_cifar10_card_numbers_are_reproduced(name, data_root):
     card = uapx.models.zoo.card(name)
     assert "JPEG copy" in card["data"]  # trained and measured on shared/data's CIFAR-10 copy
     _remeasure(name, uapx.data.load("cifar10", "test", str(data_root)), 200)
+
+
+def test_robust_models_are_discoverable_per_data_set():
+    for dataset in ("mnist", "cifar10"):
+        found = uapx.models.zoo.robust_names(dataset)
+        assert found == [n for n in NAMES if n.startswith(dataset + "-") and TARGETS[n][1] is not None]

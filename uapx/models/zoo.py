@@ -25,3 +25,10 @@ def card(name: str) -> dict:
     """The model card of zoo model ``name`` (data, architecture, training command, accuracies)."""
     p = ZOO_DIR / f"{name}.json"
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def robust_names(dataset: str) -> list[str]:
+    """Names of the adversarially trained zoo models of ``dataset`` (those whose card's ``config.adversarial``
+    names a norm); each card's ``config`` holds the training ``adversarial`` norm and ``eps``."""
+    cards = {n: card(n) for n in names()}
+    return [n for n, c in cards.items() if c.get("dataset") == dataset and (c.get("config") or {}).get("adversarial")]
