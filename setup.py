@@ -8,8 +8,8 @@ Wheels also carry ``csrc/`` as ``uapx/csrc/`` for that just-in-time build.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
-import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -29,21 +29,31 @@ if CUDA_HOME:  # before torch guesses it from the nvcc on PATH, which may be a w
 import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
-SOURCES = ["csrc/l2_pgd_step.cpp"]
-CUDA_SOURCES = ["csrc/cuda/l2_pgd_step.cu"]
-# The same flags as the just-in-time build in uapx/ops.py.
-OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
-CXX_FLAGS = ["-O3", "-ffp-contract=off", *OPENMP]
-NVCC_FLAGS = ["-O3", "--fmad=false"]
+
+
+def _build_config():
+    """``uapx/build_config.py``, loaded by path (importing ``uapx`` needs its dependencies)."""
+    path = Path(__file__).parent / "uapx" / "build_config.py"
+    spec = importlib.util.spec_from_file_location("uapx_build_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _build_config()  # the sources and flags, shared with the just-in-time build in uapx/ops.py
+SOURCES = [f"csrc/{name}" for name in BUILD.SOURCES]
+CUDA_SOURCES = [f"csrc/{name}" for name in BUILD.CUDA_SOURCES]
 
 
 def extension(with_cuda: bool) -> Extension:
     """``uapx._C``: the CPU kernel, and the CUDA kernel ``with_cuda``."""
-    kwargs = dict(depends=["csrc/l2_pgd_step.h"], extra_link_args=OPENMP, optional=True)
+    kwargs = dict(depends=[f"csrc/{name}" for name in BUILD.HEADERS], extra_link_args=list(BUILD.LD_FLAGS),
+                  optional=True)
+    cxx = list(BUILD.CXX_FLAGS)
     if with_cuda:
         return cpp_extension.CUDAExtension("uapx._C", SOURCES + CUDA_SOURCES,
-                                           extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, **kwargs)
-    return cpp_extension.CppExtension("uapx._C", SOURCES, extra_compile_args=CXX_FLAGS, **kwargs)
+                                           extra_compile_args={"cxx": cxx, "nvcc": list(BUILD.NVCC_FLAGS)}, **kwargs)
+    return cpp_extension.CppExtension("uapx._C", SOURCES, extra_compile_args=cxx, **kwargs)
 
 
 WITH_CUDA = bool(torch.version.cuda and CUDA_HOME)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
-import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -28,17 +27,13 @@ from pathlib import Path
 
 import torch
 
+from . import build_config
+
 __all__ = ["l2_pgd_step", "l2_pgd_step_", "l2_pgd_step_reference", "backend", "backend_status", "jit_build"]
 
 NO_EXTENSION_ENV = "UAPX_NO_EXTENSION"
 # The dtypes each device's kernel takes.
 KERNEL_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
-# Compiler flags of the just-in-time build; setup.py passes the same ones.
-_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
-_CXX_FLAGS = ["-O3", "-ffp-contract=off", *_OPENMP]
-_NVCC_FLAGS = ["-O3", "--fmad=false"]
-_LD_FLAGS = [*_OPENMP]
-_SOURCES = ("l2_pgd_step.h", "l2_pgd_step.cpp", "cuda/l2_pgd_step.cu")
 
 
 def l2_pgd_step_reference(x: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, step_size: float,
@@ -134,17 +129,19 @@ def jit_build(build_dir: Path | None = None, with_cuda: bool | None = None) -> N
         home = cpp_extension.CUDA_HOME
         with_cuda = (torch.cuda.is_available() and home is not None
                      and (Path(home) / "include" / "cuda_runtime.h").is_file())
-    names = [n for n in _SOURCES if with_cuda or not n.endswith(".cu")]
+    b = build_config
+    sources = [*b.SOURCES, *(b.CUDA_SOURCES if with_cuda else ())]
+    cflags, cuda_cflags, ldflags = list(b.CXX_FLAGS), list(b.NVCC_FLAGS), list(b.LD_FLAGS)
     if build_dir is None:
-        key = hashlib.sha256(repr((torch.__version__, _CXX_FLAGS, _NVCC_FLAGS, _LD_FLAGS)).encode())
-        for name in names:
+        key = hashlib.sha256(repr((torch.__version__, cflags, cuda_cflags, ldflags)).encode())
+        for name in (*b.HEADERS, *sources):
             key.update((src / name).read_bytes())
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         build_dir = cache / "uapx" / f"ext-{key.hexdigest()[:16]}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name="uapx_C", sources=[str(src / n) for n in names if not n.endswith(".h")],
-                       extra_cflags=_CXX_FLAGS, extra_cuda_cflags=_NVCC_FLAGS, extra_ldflags=_LD_FLAGS,
-                       build_directory=str(build_dir), is_python_module=False)
+    cpp_extension.load(name="uapx_C", sources=[str(src / n) for n in sources], extra_cflags=cflags,
+                       extra_cuda_cflags=cuda_cflags, extra_ldflags=ldflags, build_directory=str(build_dir),
+                       is_python_module=False)
 
 
 # ----------------------------------------------------------------------------- the public API

@@ -409,6 +409,7 @@ def write_report(report: Report, out: Path, config: AnalyzeConfig, c: AnalyzeCon
     report.tables["uaps"] = plots.comparison_table(analysis, baseline)
     if distributed.is_main():
         report.extra_files["uaps.pt"] = uaps_to_bytes(analysis.uaps)
+        report.extra_files.update(plots.uap_files(analysis.uaps))  # uaps/<name>.npy and .png
         report.write(out, replace=c.overwrite)
     distributed.barrier()
 

@@ -1,11 +1,14 @@
-"""The core's own plots of UAPs: images of the directions and their effect against random ones."""
+"""The core's own plots of UAPs (images of the directions, their effect against random ones), and
+the one place matplotlib's backend is chosen: uapx draws headless, into PNG files (Agg), and every
+module that draws takes ``plt`` from here (``from uapx.plots import plt``).
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # before pyplot loads
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
@@ -24,18 +27,36 @@ def to_display(v: torch.Tensor) -> torch.Tensor:
 
 
 def image_grid(vectors: list[torch.Tensor], titles: list[str], *, cols: int = 6, size: float = 1.6):
-    """A figure of perturbation images with titles."""
+    """A figure of perturbation images ``(C, H, W)`` with titles, ``cols`` per row.
+
+    Each row shares one colour scale, symmetric about zero (the row's largest absolute value),
+    shown by a colour bar at its end: single-channel images in a diverging map (white is zero),
+    colour images as RGB with mid-grey at zero (the bar gives the per-channel scale)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     n = max(len(vectors), 1)
     cols = min(cols, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.3), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 0.9, size * rows + 0.3), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, v, t in zip(axes.flat, vectors, titles):
-        img = to_display(v)
-        ax.imshow(img.numpy(), cmap="gray" if img.dim() == 2 else None, vmin=0, vmax=1)
-        ax.set_title(t, fontsize=7)
-    fig.tight_layout()
+    for r in range(rows):
+        row = [v.detach().float() for v in vectors[r * cols:(r + 1) * cols]]
+        if not row:
+            continue
+        m = max(float(v.abs().max()) for v in row) or 1.0
+        gray = row[0].shape[0] == 1
+        for ax, v, t in zip(axes[r], row, titles[r * cols:(r + 1) * cols]):
+            if gray:
+                ax.imshow(v[0].numpy(), cmap="RdBu_r", vmin=-m, vmax=m)
+            else:
+                ax.imshow((v / (2 * m) + 0.5).clamp(0, 1).permute(1, 2, 0).numpy())
+            ax.set_title(t, fontsize=7)
+        bar = ScalarMappable(Normalize(-m, m), cmap="RdBu_r" if gray else "gray")
+        cb = fig.colorbar(bar, ax=list(axes[r]), shrink=0.85, pad=0.01, aspect=12)
+        cb.ax.tick_params(labelsize=6)
     return fig
 
 
@@ -43,28 +64,46 @@ def _global(analysis: "Analysis"):
     return [u for u in analysis.uaps if u.source_class is None]
 
 
+def method_of(uap_name: str) -> str:
+    """The method part of a UAP name: ``"svd"`` for ``"svd:v1:class-3"``."""
+    return uap_name.split(":", 1)[0]
+
+
+def class_name(analysis: "Analysis", c: int) -> str:
+    """The data set's name of class ``c`` (its index where the data set has none)."""
+    names = getattr(analysis, "classes", None) or []
+    return str(names[c]) if 0 <= c < len(names) else str(c)
+
+
 def add_uap_plots(report: "Report", analysis: "Analysis", baseline: dict) -> None:
-    """Images of the global and class-specific UAPs and a fooling-rate comparison."""
+    """Per method (section ``uaps/<method>``): its global UAPs and its class-specific ones, titled
+    by class name; and (section ``uaps``) the fooling rates of every global UAP against random."""
     glob = _global(analysis)
     if not glob:
         return
     evs = analysis.evaluations
-    vecs = [u.vector * evs[u.name].sign for u in glob]
-    report.add_plot("uaps", "global", image_grid(vecs, [u.name for u in glob]),
-                    "Global UAPs (the sign kept for signless directions); grey is zero, "
-                    "each image scaled by its largest absolute value.")
-    classes = [u for u in analysis.uaps if u.source_class is not None and u.tag in ("", "v1")]
-    if classes:
-        report.add_plot("uaps", "class-specific", image_grid([u.vector for u in classes], [u.name for u in classes],
-                                                             cols=10),
-                        "Class-specific UAPs of each method (from the perturbations of one class's images).")
+    for method in dict.fromkeys(method_of(u.name) for u in analysis.uaps):
+        mine = [u for u in glob if method_of(u.name) == method]
+        if mine:
+            report.add_plot(f"uaps/{method}", "global",
+                            image_grid([u.vector * evs[u.name].sign for u in mine], [u.name for u in mine]),
+                            f"Global UAPs of {method} (the sign kept for signless directions), one colour "
+                            "scale for the row (colour bar), zero in the middle.")
+        per_class = [u for u in analysis.uaps if method_of(u.name) == method and u.source_class is not None
+                     and u.tag in ("", "v1")]
+        if per_class:
+            report.add_plot(f"uaps/{method}", "class-specific",
+                            image_grid([u.vector for u in per_class],
+                                       [class_name(analysis, int(u.source_class)) for u in per_class], cols=10),
+                            f"Class-specific UAPs of {method}, each from the perturbations of one class's images "
+                            "(titled by class), one colour scale for the row.")
     fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(glob) + 2), 3.2))
     names = [u.name for u in glob] + ["random"]
-    vals = [evs[u.name].best.fooling_rate for u in glob] + [baseline["fooling_rate"]["mean"]]
+    vals = [100 * evs[u.name].best.fooling_rate for u in glob] + [100 * baseline["fooling_rate"]["mean"]]
     ax.bar(range(len(vals)), vals, color=["#4c72b0"] * len(glob) + ["#999999"])
-    ax.errorbar([len(glob)], [vals[-1]], yerr=[baseline["fooling_rate"]["std"]], color="k", capsize=3)
+    ax.errorbar([len(glob)], [vals[-1]], yerr=[100 * baseline["fooling_rate"]["std"]], color="k", capsize=3)
     ax.set_xticks(range(len(vals)), names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("fooling rate")
+    ax.set_ylabel("fooling rate (%)")
     ax.set_title(f"Global UAPs vs random directions, L2 norm {analysis.eps:g}", fontsize=9)
     report.add_plot("uaps", "fooling-rates", fig,
                     f"Fooling rate (prediction changed) of each global UAP and of {baseline['draws']} random "
@@ -89,9 +128,35 @@ def comparison_table(analysis: "Analysis", baseline: dict) -> tuple[list[str], l
     rows = []
     for u in _global(analysis):
         ev = analysis.evaluations[u.name]
-        rows.append([u.name, u.eps, ev.best.fooling_rate, ev.plus.accuracy, ev.minus.accuracy,
-                     "+" if ev.sign > 0 else "-"])
+        rows.append([u.name, u.eps, percent(ev.best.fooling_rate), percent(ev.plus.accuracy),
+                     percent(ev.minus.accuracy), "+" if ev.sign > 0 else "-"])
     fr, acc = baseline["fooling_rate"], baseline["accuracy"]
-    rows.append([f"random ({baseline['draws']} draws)", baseline["eps"], f"{fr['mean']:.4g} ± {fr['std']:.2g}",
-                 f"{acc['mean']:.4g} ± {acc['std']:.2g}", "", ""])
+    rows.append([f"random ({baseline['draws']} draws)", baseline["eps"],
+                 f"{percent(fr['mean'])} ± {percent(fr['std'])}", f"{percent(acc['mean'])} ± {percent(acc['std'])}",
+                 "", ""])
     return head, rows
+
+
+def percent(rate: float) -> str:
+    """A rate in [0, 1] as the report writes it: ``0.0625`` -> ``"6.2%"``."""
+    return f"{100 * rate:.1f}%"
+
+
+def uap_files(uaps: list) -> dict[str, bytes]:
+    """Each UAP as ``uaps/<name>.npy`` (the ``(C, H, W)`` float32 array) and ``uaps/<name>.png`` (an
+    image, zero at mid-grey, scaled by its largest absolute value), for the report folder."""
+    import io
+
+    import numpy as np
+
+    files = {}
+    for u in uaps:
+        stem = "uaps/" + "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in u.name)
+        buf = io.BytesIO()
+        np.save(buf, u.vector.detach().float().cpu().numpy())
+        files[stem + ".npy"] = buf.getvalue()
+        buf = io.BytesIO()
+        img = to_display(u.vector.detach().cpu()).numpy()
+        plt.imsave(buf, img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, format="png")
+        files[stem + ".png"] = buf.getvalue()
+    return files

@@ -14,13 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from . import atomic  # noqa: E402
-from .errors import UapxError  # noqa: E402
+from . import atomic
+from .errors import UapxError
+from .plots import plt
 
 
 @dataclass
@@ -73,6 +69,7 @@ class Report:
         for p in self.plots:
             (folder / f"{p.name}.png").write_bytes(p.png)
         for name, blob in self.extra_files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(blob)
         text = json.dumps(self.data, indent=2, default=atomic.json_default) + "\n"
         (folder / "report.json").write_bytes(text.encode("utf-8"))
@@ -151,8 +148,10 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td{border:1px solid #ddd;padding:2px 8px;
 vertical-align:top}figure{display:inline-block;margin:.5em;max-width:100%}img{max-width:100%}
 figcaption{font-size:.85em;color:#555;max-width:520px}.summary{background:#f4f7fb;padding:.6em 1em;
-border-left:4px solid #5577aa}details{margin:.5em 0}.compare th{background:#eef;padding:2px 8px;
-border:1px solid #ccd}.compare td{text-align:right}"""
+border-left:4px solid #5577aa}details{margin:.5em 0}summary{cursor:pointer;color:#335}
+.compare th{background:#eef;padding:2px 8px;border:1px solid #ccd}.compare td{text-align:right}
+header.run{background:#fafafa;border:1px solid #ddd;padding:.4em 1em 1em}header.run td:first-child{color:#555}
+.keys{font-size:1em}.keys td{border:none;padding:1px 10px 1px 0}.verdict{font-weight:bold}"""
 
 
 def _plain_table(head: list[str], rows: list[list[Any]]) -> str:
@@ -161,55 +160,167 @@ def _plain_table(head: list[str], rows: list[list[Any]]) -> str:
     return f"<table class='compare'><tr>{th}</tr>{body}</table>"
 
 
+def _pct(v: Any) -> str:
+    return f"{100 * v:.1f}%" if isinstance(v, (int, float)) else "n/a"
+
+
+# What the folded full table of each section is called, and each section's heading.
+FOLD_NAMES = {"uaps": "Random baseline and evaluation settings", "attack": "Attack settings and figures",
+              "findings": "Every finding in full: claims, criteria, numbers", "data": "Data set",
+              "model": "Model card", "config": "Settings of this run (resolved)", "defaults_applied":
+              "Defaults that applied", "environment": "Software and machine", "timing_seconds": "Time taken (s)"}
+TITLES = {"findings": "Findings", "attack": "Per-image attack", "uaps": "Headline: UAPs against random directions",
+          "data": "Data", "model": "Model", "config": "Settings", "defaults_applied": "Defaults applied",
+          "environment": "Environment", "timing_seconds": "Timing"}
+
+
+def _plots_html(plots: list[Plot]) -> str:
+    return "".join(f"<figure><img alt='{html.escape(p.name)}' src='data:image/png;base64,"
+                   f"{base64.b64encode(p.png).decode()}'><figcaption>{html.escape(p.caption)}</figcaption></figure>"
+                   for p in plots)
+
+
 def _section_html(title: str, prefix: str, summary: str, plots: list[Plot], body: Any, *, open_: bool,
-                  table: tuple[list[str], list[list[Any]]] | None = None) -> str:
-    parts = [f"<section><h2>{html.escape(title)}</h2>"]
+                  table: tuple[list[str], list[list[Any]]] | None = None, fold: str = "",
+                  key_numbers: list[tuple[str, str]] | None = None, anchor: str = "") -> str:
+    """A section: heading, summary, the few numbers that matter, table, plots, then the full
+    numbers folded under ``fold``."""
+    ident = f" id='{html.escape(anchor)}'" if anchor else ""
+    parts = [f"<section{ident}><h2>{html.escape(title)}</h2>"]
     for line in summary.splitlines():
         if line.strip():
             parts.append(f"<p class='summary'>{html.escape(line)}</p>")
+    if key_numbers:
+        parts.append("<table class='keys'>" + "".join(f"<tr><td>{html.escape(k)}</td><td><b>{html.escape(v)}</b>"
+                                                     "</td></tr>" for k, v in key_numbers) + "</table>")
     if table is not None:
         parts.append(_plain_table(*table))
-    for p in plots:
-        b64 = base64.b64encode(p.png).decode()
-        parts.append(f"<figure><img alt='{html.escape(p.name)}' src='data:image/png;base64,{b64}'>"
-                     f"<figcaption>{html.escape(p.caption)}</figcaption></figure>")
+    parts.append(_plots_html(plots))
     if body is not None:
         n = len(_rows(body, prefix))
-        parts.append(f"<details{' open' if open_ else ''}><summary>{n} figures</summary>"
-                     f"{_table(body, prefix)}</details>")
+        parts.append(f"<details{' open' if open_ else ''}><summary>{html.escape(fold or 'All numbers')} "
+                     f"({n} values)</summary>{_table(body, prefix)}</details>")
     parts.append("</section>")
     return "".join(parts)
 
 
-RESULTS_FIRST = ("findings", "attack", "uaps")  # then diagnostics, then the run's context
-CONTEXT_LAST = ("data", "model", "config", "environment", "timing_seconds")
+def _header_html(title: str, data: dict) -> str:
+    """What ran: model, data, eps, sizes, seed, attack, plugins, uapx version."""
+    c, d, env, att = (data.get(k) or {} for k in ("config", "data", "environment", "attack"))
+    rows = []
+    if c.get("model"):
+        rows.append(("model", str(c["model"])))
+    if d:
+        shape = "x".join(str(v) for v in d.get("shape", []))
+        rows.append(("data", f"{d.get('dataset', '?')} ({d.get('split', '?')}), {d.get('n_images', '?')} images"
+                             + (f" of {shape}" if shape else "")))
+    if c.get("eps") is not None:
+        rows.append(("eps", f"{c['eps']:g} ({c.get('attack', '')})"))
+    if att.get("plugin"):
+        rows.append(("attack", str(att["plugin"])))
+    if c.get("plugins"):
+        rows.append(("plugins", ", ".join(map(str, c["plugins"]))))
+    if c.get("seed") is not None:
+        rows.append(("seed", str(c["seed"])))
+    if "total" in data.get("timing_seconds", {}):
+        rows.append(("time", f"{data['timing_seconds']['total']:.1f} s"))
+    rows.append(("uapx", str(env.get("uapx") or _version())))
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<header class='run' id='run'><h1>{html.escape(title)}</h1><table class='keys'>{body}</table></header>"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _method_sections(self: "Report") -> list[str]:
+    """One section per UAP method: its best global UAP against random, its plots, its evaluations folded."""
+    evs = (self.data.get("uaps") or {}).get("evaluations") or {}
+    base = ((self.data.get("uaps") or {}).get("random_baseline") or {}).get("fooling_rate", {}).get("mean")
+    methods = list(dict.fromkeys(n.split(":", 1)[0] for n in evs))
+    out = []
+    for m in methods:
+        mine = {n: e for n, e in evs.items() if n.split(":", 1)[0] == m}
+        glob = {n: e for n, e in mine.items() if e.get("source_class") is None}
+        keys = []
+        if glob:
+            best = max(glob, key=lambda n: glob[n]["fooling_rate"])
+            keys.append(("best global UAP", f"{best}: fools {_pct(glob[best]['fooling_rate'])} "
+                                            f"(random directions {_pct(base)})"))
+            keys.append(("accuracy under it", _pct(glob[best]["accuracy"])))
+        on = [e["on_class_fooling"] for e in mine.values() if e.get("on_class_fooling") is not None]
+        off = [e["off_class_fooling"] for e in mine.values() if e.get("off_class_fooling") is not None]
+        if on and off:
+            keys.append(("class-specific UAPs", f"fool {_pct(sum(on) / len(on))} of their own class's images, "
+                                                f"{_pct(sum(off) / len(off))} of the others' (mean over classes)"))
+        keys.append(("UAPs", f"{len(glob)} global, {len(mine) - len(glob)} class-specific"))
+        plots = [p for p in self.plots if p.section == f"uaps/{m}"]
+        out.append(_section_html(f"UAP method: {m}", f"uaps.evaluations", "", plots, None, open_=False,
+                                 key_numbers=keys, anchor=f"method-{m}"))
+        rows = "".join(_table(e, f"uaps.evaluations.{n}")[len("<table>"):-len("</table>")] for n, e in mine.items())
+        n_vals = sum(len(_rows(e)) for e in mine.values())
+        out[-1] = out[-1][:-len("</section>")] + (
+            f"<details><summary>Every evaluation of {html.escape(m)}'s UAPs: both signs, per class, where the "
+            f"fooled images went ({n_vals} values)</summary><table>{rows}</table></details></section>")
+    return out
+
+
+def _attack_keys(att: dict) -> list[tuple[str, str]]:
+    keys = []
+    if "clean_accuracy" in att:
+        keys.append(("clean accuracy", _pct(att["clean_accuracy"])))
+    if "adversarial_accuracy" in att:
+        keys.append(("accuracy under the per-image attack", _pct(att["adversarial_accuracy"])))
+    if "attack_success_rate" in att:
+        keys.append(("predictions changed by it", _pct(att["attack_success_rate"])))
+    norm = att.get("perturbation_norm") or {}
+    if "mean" in norm:
+        keys.append(("perturbation norm", f"mean {norm['mean']:.3g} (min {norm.get('min', float('nan')):.3g}, "
+                                          f"max {norm.get('max', float('nan')):.3g})"))
+    return keys
+
+
+RESULTS_FIRST = ("findings", "uaps", "attack")  # the headline, the methods, the attack; then diagnostics, context
+CONTEXT_LAST = ("data", "model", "config", "defaults_applied", "environment", "timing_seconds")
 
 
 def render_html(self: Report) -> str:
-    """The self-contained page: results first (summary, plots embedded, figures), then context."""
+    """The self-contained page that tells the story: a header with what ran, the headline (the
+    best UAP against random directions, the findings' verdicts), one section per UAP method and
+    per diagnostic with its plots and key numbers first, the full numbers folded, then context."""
     sections: list[str] = []
     plot_sections = {p.section for p in self.plots}
     done: set[str] = set()
 
-    def add(key: str, prefix: str, body: Any, *, open_: bool) -> None:
+    def add(key: str, prefix: str, body: Any, *, open_: bool, title: str | None = None, fold: str = "",
+            key_numbers: list[tuple[str, str]] | None = None) -> None:
         done.add(key)
         plots = [p for p in self.plots if p.section == key]
-        sections.append(_section_html(key, prefix, self.summaries.get(key, ""), plots, body, open_=open_,
-                                      table=self.tables.get(key)))
+        sections.append(_section_html(title or TITLES.get(key, key), prefix, self.summaries.get(key, ""), plots,
+                                      body, open_=open_, table=self.tables.get(key), fold=fold or FOLD_NAMES.get(
+                                          key, f"All numbers of {key}"), key_numbers=key_numbers, anchor=key))
 
     for key in [*self.order, *(k for k in RESULTS_FIRST if k not in self.order)]:
         if key in self.data:
-            add(key, key, self.data[key], open_=key != "uaps")
+            body = self.data[key]
+            if key == "uaps" and isinstance(body, dict) and "evaluations" in body:
+                add(key, key, {k: v for k, v in body.items() if k != "evaluations"}, open_=False)
+                sections.extend(_method_sections(self))
+                done.update(f"uaps/{m}" for m in {p.section[5:] for p in self.plots if p.section.startswith("uaps/")})
+            else:
+                add(key, key, body, open_=False, key_numbers=_attack_keys(body) if key == "attack" else None)
         elif key in plot_sections:
             add(key, key, None, open_=False)
     for name, body in self.data.get("diagnostics", {}).items():
-        add(name, f"diagnostics.{name}", body, open_=False)
+        add(name, f"diagnostics.{name}", body, open_=False, title=f"Diagnostic: {name}",
+            fold=f"All numbers of the {name} diagnostic")
     rest = [k for k in self.data if k not in (*RESULTS_FIRST, *CONTEXT_LAST, "diagnostics", "plots")]
     for key in [*rest, *(k for k in CONTEXT_LAST if k in self.data)]:
         add(key, key, self.data[key], open_=False)
     for key in sorted(plot_sections - done):
         add(key, key, None, open_=False)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(self.title)}</h1>{''.join(sections)}"
+            f"<style>{_CSS}</style></head><body>{_header_html(self.title, self.data)}{''.join(sections)}"
             "</body></html>\n")
-

@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
 import uapx  # noqa: E402
@@ -113,6 +114,7 @@ class TrajectoryDiagnostic(Diagnostic):
             ax.plot(t, mu, label=name)
             ax.fill_between(t, mu - sd, mu + sd, alpha=0.2)
         ax.set_xlabel("PGD step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_ylabel("cosine similarity")
         ax.set_ylim(-1.05, 1.05)
         ax.legend(fontsize=8)
