@@ -41,7 +41,7 @@ def peak_rss_mb(argv: list[str], cwd: Path) -> float:
 
 
 @pytest.mark.parametrize("command", ["attack", "analyze"])
-@pytest.mark.parametrize("n", [2000, 50000])
+@pytest.mark.parametrize("n", [2000, pytest.param(50000, marks=pytest.mark.large)])  # large: opt-in
 def test_peak_memory(benchmark, setup_dir, tmp_path, command, n):
     root, model = setup_dir
     common = ["--dataset", "cifar10", "--split", "train", "--data-root", str(root), "--model", str(model),
