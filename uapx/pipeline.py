@@ -200,7 +200,7 @@ def load_inputs(c: AnalyzeConfig, attack_comp: Component) -> Setup:
     attack = _instantiate(attack_comp.cls, c.plugin_settings.get(c.attack, {}),
                           {"eps": c.eps, "steps": c.steps, "step_size": c.step_size})
     meta = {"shape": tuple(images.shape), "eps": c.eps, "norm": attack.norm, "model_id": c.model,
-            "attack": {"name": c.attack, **attack.settings()}}
+            "attack": {"name": c.attack, "norm": attack.norm, **attack.settings()}}
     return Setup(images, model, card, attack, meta, transfer)
 
 

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-import uapx  # noqa: E402
-from uapx.diagnostics import Diagnostic, DiagnosticResult  # noqa: E402
-from uapx.linalg import top_svd_gram  # noqa: E402
+import uapx
+from uapx.diagnostics import Diagnostic, DiagnosticResult
+from uapx.linalg import top_svd_gram
+from uapx.plots import plt
 
 
 def spectrum_figures(S: torch.Tensor, total_energy: float, *, fraction: float) -> dict:
@@ -41,7 +38,6 @@ class SpectrumDiagnostic(Diagnostic):
     description = "singular values of the perturbation matrix: decay, sigma1/sigma2, effective rank"
 
     def __init__(self, *, top: int = 20, fraction: float = 0.5, center: bool = False) -> None:
-        super().__init__(top=top, fraction=fraction, center=center)
         self.top, self.fraction, self.center = top, fraction, center
 
     def _one(self, pset) -> dict:

@@ -23,7 +23,7 @@ class SVDUAP(UAPMethod):
             raise uapx.UapxError(f"unknown svd solver {solver!r}", "choose gram or lapack")
         if k < 1:
             raise uapx.UapxError(f"svd: k must be >= 1 (directions asked for), got {k}", "pass --k 1 or more")
-        super().__init__(per_class=per_class, k=k, center=center, solver=solver)
+        super().__init__(per_class=per_class)
         self.k, self.center, self.solver = k, center, solver
 
     def directions(self, pset):

@@ -1,0 +1,58 @@
+"""uapx.stats against SciPy and analytic references; selection unbiased on a class-sorted layout."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from uapx import stats
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (50, 100), (999, 1000), (1000, 1000)])
+def test_wilson_matches_scipy(k, n):
+    ref = sps.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = stats.wilson(k, n)
+    assert lo == pytest.approx(ref.low, abs=1e-9) and hi == pytest.approx(ref.high, abs=1e-9)
+
+
+def test_bootstrap_se_of_mean_matches_sd_over_sqrt_n():
+    v = torch.from_numpy(np.random.default_rng(0).normal(size=2000))
+    analytic = float(v.std(unbiased=False)) / math.sqrt(len(v))
+    assert stats.bootstrap_se(v, seed=0, reps=2000) == pytest.approx(analytic, rel=0.08)
+
+
+def test_bootstrap_rows_covers_the_population_value():
+    # rows of a rank-1 + noise matrix: sigma1/sigma2 of the population lies inside the interval
+    g = torch.Generator().manual_seed(0)
+    D = torch.randn(2000, 10, generator=g, dtype=torch.float64)
+    D[:, 0] *= 3.0  # population sigma1/sigma2 -> 3
+
+    def ratio(m):
+        s = torch.linalg.svdvals(m)
+        return (s[0] / s[1]).reshape(1)
+
+    r = stats.bootstrap_rows(D, ratio, seed=1, reps=200)
+    assert r["low"][0] < r["value"][0] < r["high"][0]
+    assert r["low"][0] < 3.0 * 1.15 and r["high"][0] > 3.0 * 0.85
+
+
+def test_diff_interval_analytic():
+    d = stats.diff_interval(1.0, 0.3, 0.2, 0.4)
+    assert d["difference"] == pytest.approx(0.8)
+    assert d["high"] - d["low"] == pytest.approx(2 * 1.959963984540054 * 0.5)
+    assert not d["excludes_zero"]
+    assert stats.diff_interval(1.0, 0.1, 0.2, 0.1)["excludes_zero"]
+
+
+def test_stratified_draw_on_class_sorted_labels():
+    y = torch.arange(10).repeat_interleave(1000)  # the class-sorted CIFAR-10 ImageFolder layout
+    idx = stats.stratified_draw(y, 200, seed=3)
+    assert len(set(idx.tolist())) == 200
+    counts = torch.bincount(y[idx], minlength=10)
+    assert counts.min() == counts.max() == 20
+    for m in (20, 50, 100):  # every prefix is class-mixed too: within 2x of a uniform share
+        c = torch.bincount(y[idx[:m]], minlength=10).double() / m
+        assert c.max() <= 2 * 0.1 + 1e-9, (m, c)
+    assert not torch.equal(idx, idx.sort().values)
+    assert torch.equal(idx, stats.stratified_draw(y, 200, seed=3))

@@ -1,0 +1,109 @@
+"""Uncertainty and unbiased selection: the statistics every uapx figure carries.
+
+- :func:`stratified_draw`: a seeded random draw of rows, stratified by class, in random order
+  (so any prefix or contiguous shard of it is itself a random, class-mixed draw);
+- :func:`wilson`: the Wilson score interval of a binomial rate (fooling rates);
+- :func:`bootstrap_se` / :func:`bootstrap_means`: bootstrap over images of a per-image mean;
+- :func:`bootstrap_rows`: bootstrap over the rows of a matrix of any statistic of it
+  (e.g. singular-value ratios of the perturbation matrix);
+- :func:`diff_interval`: the normal 95 % interval of a difference of two independent estimates.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+Z95 = 1.959963984540054  # the two-sided 95 % standard-normal quantile
+BOOTSTRAP_REPS = 1000
+
+
+def stratified_draw(y: torch.Tensor, n: int | None = None, *, seed: int) -> torch.Tensor:
+    """Positions of a seeded random draw of ``min(n, N)`` rows of labels ``y`` ``(N,)``, stratified
+    by class (each class its proportional share, largest remainders first, drawn at random within
+    the class), returned in a seeded random order -- never sorted by class or position."""
+    N = int(y.numel())
+    n = N if n is None else min(int(n), N)
+    g = torch.Generator().manual_seed(seed)
+    if n == 0:
+        return torch.arange(0)
+    classes, counts = y.unique(return_counts=True)
+    share = counts.double() * n / N
+    take = share.floor().long()
+    rest = n - int(take.sum())
+    if rest > 0:
+        jitter = 1e-9 * torch.rand(len(classes), generator=g, dtype=torch.float64)
+        order = torch.argsort(share - take.double() + jitter, descending=True)
+        take[order[:rest]] += 1
+    picks = [rows[torch.randperm(len(rows), generator=g)[:k]]
+             for c, k in zip(classes.tolist(), take.tolist()) for rows in [(y == c).nonzero().flatten()]]
+    idx = torch.cat(picks)
+    return idx[torch.randperm(len(idx), generator=g)]
+
+
+def class_counts(y: torch.Tensor) -> dict[str, int]:
+    """``{class: count}`` of labels ``y`` ``(N,)``."""
+    c, k = y.unique(return_counts=True)
+    return {str(int(a)): int(b) for a, b in zip(c, k)}
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (95 % by default) of a binomial rate ``k / n``."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_means(values: torch.Tensor, *, seed: int, reps: int = BOOTSTRAP_REPS) -> torch.Tensor:
+    """``(reps,)`` bootstrap replicates of the mean of ``values`` ``(N,)`` (resampled images)."""
+    v = values.double().flatten()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, v.numel(), (reps, v.numel()), generator=g)
+    return v[idx].mean(1)
+
+
+def bootstrap_se(values: torch.Tensor, *, seed: int, reps: int = BOOTSTRAP_REPS) -> float:
+    """Bootstrap standard error over images of the mean of ``values`` ``(N,)`` (nan for N < 2)."""
+    if values.numel() < 2:
+        return float("nan")
+    return float(bootstrap_means(values, seed=seed, reps=reps).std())
+
+
+def mean_se(values: torch.Tensor, *, seed: int) -> dict:
+    """``{"mean", "se", "n"}``: the mean of ``values`` ``(N,)`` with its bootstrap s.e. over images."""
+    v = values.double().flatten()
+    return {"mean": float(v.mean()) if v.numel() else float("nan"), "se": bootstrap_se(v, seed=seed),
+            "n": int(v.numel())}
+
+
+def bootstrap_rows(D: torch.Tensor, stat: Callable[[torch.Tensor], torch.Tensor], *, seed: int,
+                   reps: int = 200, level: float = 0.95) -> dict:
+    """Percentile bootstrap over the rows of ``D`` ``(N, d)`` of ``stat(D) -> (k,)``.
+
+    Returns ``{"value": (k,), "se": (k,), "low": (k,), "high": (k,)}`` as lists."""
+    g = torch.Generator().manual_seed(seed)
+    value = stat(D).double()
+    reps_ = torch.stack([stat(D[torch.randint(0, D.shape[0], (D.shape[0],), generator=g)]).double()
+                         for _ in range(reps)])
+    a = (1 - level) / 2
+    q = torch.quantile(reps_, torch.tensor([a, 1 - a], dtype=torch.float64), dim=0)
+    return {"value": value.tolist(), "se": reps_.std(0).tolist(), "low": q[0].tolist(), "high": q[1].tolist()}
+
+
+def diff_interval(a: float, se_a: float, b: float, se_b: float, z: float = Z95) -> dict:
+    """``a - b`` of two independent estimates with standard errors, and its normal 95 % interval;
+    ``excludes_zero`` when the interval lies strictly on one side of 0."""
+    d = a - b
+    half = z * math.sqrt(se_a ** 2 + se_b ** 2)
+    lo, hi = d - half, d + half
+    return {"difference": d, "low": lo, "high": hi, "excludes_zero": bool(lo > 0 or hi < 0)}
+
+
+def se_from_interval(low: float, high: float, z: float = Z95) -> float:
+    """The standard error a normal 95 % interval ``[low, high]`` implies."""
+    return (high - low) / (2 * z)
