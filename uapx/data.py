@@ -75,15 +75,18 @@ class ImageSet:
         return replace(self, x=self.x[rows], y=self.y[rows], indices=idx)
 
     def subset(self, n: int | None, *, seed: int = 0) -> "ImageSet":
-        """A seeded random subset of ``n`` images (all of them, in order, when ``n`` is None)."""
-        if n is None or n == len(self):
-            return self
-        if n < 1 or n > len(self):
+        """A seeded random draw of ``n`` images (all of them when ``n`` is None), stratified by class
+        (:func:`uapx.stats.stratified_draw`) and in random order, so that every prefix (the
+        trajectory images) and every contiguous shard (a torchrun rank's) is a class-mixed draw too
+        -- never the class-sorted order of an ImageFolder."""
+        from .stats import stratified_draw
+
+        if n is not None and (n < 1 or n > len(self)):
             raise UapxError(f"--n-samples {n} is out of range: the {self.name} {self.split} split has "
                             f"{len(self)} images", f"pass --n-samples between 1 and {len(self)}")
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self), generator=g)[:n].sort().values
-        return replace(self, x=self.x[idx], y=self.y[idx], indices=idx)
+        idx = stratified_draw(self.y, n, seed=seed)
+        base = self.indices[idx] if self.indices is not None else idx
+        return replace(self, x=self.x[idx], y=self.y[idx], indices=base)
 
 
 def default_root() -> Path:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .methods import UAP
+from .stats import wilson
 
 
 @torch.no_grad()
@@ -43,6 +44,8 @@ class SignEffect:
     fooling_rate: float
     per_class_fooling: dict[int, float]
     pushed_to: list[float]  # fraction of changed predictions landing in each class
+    n: int = 0  # images evaluated
+    fooling_wilson95: tuple[float, float] = (float("nan"), float("nan"))  # Wilson 95 % interval of fooling_rate
 
     @classmethod
     def measure(cls, pred: torch.Tensor, clean_pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> "SignEffect":
@@ -50,7 +53,9 @@ class SignEffect:
         per_class = {int(c): float(fooled[y == c].double().mean()) for c in y.unique()}
         hist = torch.bincount(pred[fooled], minlength=num_classes).float()
         pushed = (hist / hist.sum()).tolist() if hist.sum() > 0 else [0.0] * num_classes
-        return cls(float((pred == y).double().mean()), float(fooled.double().mean()), per_class, pushed)
+        k, n = int(fooled.sum()), int(fooled.numel())
+        return cls(float((pred == y).double().mean()), float(fooled.double().mean()), per_class, pushed, n,
+                   wilson(k, n))
 
 
 @dataclass
@@ -79,6 +84,7 @@ class UAPEvaluation:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fooling_rate"] = self.best.fooling_rate
+        d["fooling_rate_wilson95"] = list(self.best.fooling_wilson95)
         d["accuracy"] = self.best.accuracy
         return d
 
@@ -133,18 +139,20 @@ def random_directions(shape: tuple[int, ...] | torch.Size, eps: float, *, draws:
 def baseline_stats(eps: float, preds: list[torch.Tensor] | torch.Tensor, *, clean_pred: torch.Tensor,
                    y: torch.Tensor, num_classes: int) -> dict:
     """Mean, sd, min and max fooling rate and accuracy over the predictions ``(N,)`` of each draw."""
-    fool, acc = [], []
+    fool, acc, k, n = [], [], 0, 0
     for p in preds:
         eff = SignEffect.measure(p, clean_pred, y, num_classes)
         fool.append(eff.fooling_rate)
         acc.append(eff.accuracy)
+        k, n = k + round(eff.fooling_rate * eff.n), n + eff.n
 
     def stats(vals: list[float]) -> dict:
         m = sum(vals) / len(vals)
         sd = math.sqrt(sum((a - m) ** 2 for a in vals) / max(len(vals) - 1, 1))
         return {"mean": m, "std": sd, "min": min(vals), "max": max(vals)}
 
-    return {"eps": eps, "draws": len(fool), "fooling_rate": stats(fool), "accuracy": stats(acc)}
+    return {"eps": eps, "draws": len(fool), "fooling_rate": {**stats(fool), "wilson95": list(wilson(k, n))},
+            "accuracy": stats(acc)}
 
 
 def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list[UAP], *, num_classes: int,
