@@ -63,18 +63,21 @@ def analyze(config: Any = None, /, **settings: Any) -> "AnalyzeResult":
     """Run an analysis end to end and write its report folder (``uapx analyze`` in Python).
 
     Pass an :class:`~uapx.pipeline.AnalyzeConfig`, or its fields as keywords
-    (``uapx.analyze(plugins=["svd"], n_samples=200, out="rep")``); ``registry=`` passes a
+    (``uapx.analyze(plugins=["svd"], n_samples=200, out="rep")``).  ``model=`` may be an
+    ``nn.Module`` and ``data=`` an :class:`~uapx.data.ImageSet` or any ``torch.utils.data.Dataset``
+    of ``(image, label)`` (``uapx.analyze(config, model=my_model, data=my_dataset)``).  ``registry=`` passes a
     :class:`~uapx.registry.Registry` through.  Returns an
     :class:`~uapx.pipeline.AnalyzeResult` (``.report`` is ``report.json`` as a dict).
     """
     from . import pipeline
 
     registry = settings.pop("registry", None)
+    objects = {k: settings.pop(k) for k in ("model", "data") if k in settings and not isinstance(settings[k], str)}
     if config is None:
         config = pipeline.AnalyzeConfig(**settings)
     elif settings:
         raise TypeError("give an AnalyzeConfig or keyword settings, not both")
-    return pipeline.analyze(config, registry=registry)
+    return pipeline.analyze(config, registry=registry, **objects)
 
 
 def plugin(name: str) -> type:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import inspect
+import os
 import sys
 from typing import Sequence
 
 from . import argtypes
-from .errors import EXIT_INTERRUPTED, UapxError
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, UapxError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +74,7 @@ def _add_common_model_args(p: argparse.ArgumentParser, owner) -> None:
     _opt(p, owner, "data_root", "folder holding the data", type=argtypes.input_path, metavar="DIR",
          shown="$UAPX_DATA_ROOT, then ~/.cache/uapx/data; the MNIST test split is embedded")
     _opt(p, owner, "device", "torch device: cpu, cuda or cuda:N", type=argtypes.device)
-    _opt(p, owner, "seed", "random seed of every draw", type=int)
+    _opt(p, owner, "seed", "random seed of every draw", type=argtypes.seed)
 
 
 def _add_model_args(p: argparse.ArgumentParser, owner, zoo_names: list[str]) -> None:
@@ -221,7 +223,7 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
     _opt(r, R, "batch_size", "attack batch size", type=argtypes.whole(1))
     _opt(r, R, "datasets", "comma-separated data sets of the study", type=argtypes.names)
     _opt(r, R, "device", "torch device: cpu, cuda or cuda:N", type=argtypes.device)
-    _opt(r, R, "seed", "random seed of every draw", type=int)
+    _opt(r, R, "seed", "random seed of every draw", type=argtypes.seed)
     _opt(r, R, "out", "report folder", type=argtypes.output_path, metavar="DIR")
     _opt(r, R, "overwrite", "replace a report folder that already holds a study", action="store_true")
 
@@ -387,6 +389,11 @@ def parse_settings(items: list[str]) -> dict[str, dict]:
     return out
 
 
+_PATH_ERRNOS = {errno.ENAMETOOLONG: "pass a shorter path", errno.EACCES: "pass a path you may read and write",
+                errno.EPERM: "pass a path you may read and write", errno.ENOSPC: "free space on that file system",
+                errno.EROFS: "pass a path on a writable file system", errno.ENOTDIR: "a file is in the way: pass "
+                "another path", errno.ELOOP: "pass a path without a symbolic-link loop"}
+
 COMMANDS = {"reproduce": cmd_reproduce, "analyze": cmd_analyze, "attack": cmd_attack, "apply": cmd_apply,
             "train": cmd_train, "plugins": cmd_plugins, "zoo": cmd_zoo, "info": cmd_info}
 
@@ -411,6 +418,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("uapx: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # the file system refused a path (set outside the options, e.g. $UAPX_DATA_ROOT)
+        if exc.errno not in _PATH_ERRNOS or not exc.filename:
+            raise
+        print(f"uapx: error: {UapxError(f'cannot use {os.fsdecode(exc.filename)!r}: {exc.strerror}', _PATH_ERRNOS[exc.errno])}",
+              file=sys.stderr)
+        return EXIT_USAGE
     finally:
         if "uapx.atomic" in sys.modules:  # outputs this command claimed are free again
             sys.modules["uapx.atomic"].release_all()

@@ -7,8 +7,9 @@ from torch import nn
 from .errors import UapxError
 
 
-def check_model_fits(model: nn.Module, x1: torch.Tensor, num_classes: int, *, what: str, data: str) -> None:
-    """Refuse a model that cannot classify these images.
+def check_model_fits(model: nn.Module, x1: torch.Tensor, num_classes: int, *, what: str, data: str) -> int:
+    """Refuse a model that cannot classify these images; return its number of outputs (the run's
+    number of classes: at least the data's, e.g. 1000 for an ImageNet model on a class subset).
 
     Args:
         model: the classifier (eval mode).
@@ -18,7 +19,7 @@ def check_model_fits(model: nn.Module, x1: torch.Tensor, num_classes: int, *, wh
         data: the data set's name, for the message.
     Raises:
         UapxError: the forward pass fails (channels, image size), or its output is not
-            ``(1, num_classes)``.
+            ``(1, K)`` logits with ``K >= num_classes``.
     """
     shape = tuple(x1.shape[1:])
     fix = f"pass a model made for {data} images ({shape[0]} channels, {shape[1]}x{shape[2]}, {num_classes} classes)"
@@ -33,5 +34,6 @@ def check_model_fits(model: nn.Module, x1: torch.Tensor, num_classes: int, *, wh
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UapxError(f"model {what} returned {got} for one {data} image, not logits of shape (1, {num_classes})",
                         fix)
-    if out.shape[1] != num_classes:
+    if out.shape[1] < num_classes:  # a label the model cannot predict; more outputs are fine (a class subset)
         raise UapxError(f"model {what} has {out.shape[1]} outputs but {data} has {num_classes} classes", fix)
+    return int(out.shape[1])

@@ -9,6 +9,11 @@ Data roots, in order: the ``root`` argument (``--data-root``), ``$UAPX_DATA_ROOT
 - MNIST: ``MNIST/raw/*-ubyte`` (torchvision's layout; ``.gz`` files are read too).
 - CIFAR-10: ``cifar-10-batches-py/`` (the official Python pickles) or an ImageFolder tree
   ``cifar10-jpeg/{train,test}/<class>/*.jpg`` (what ``shared/data/prepare.py`` writes).
+- ``imagefolder``: any ImageFolder tree ``DIR/{train,val,test}/<class>/*`` or ``DIR/<class>/*``
+  (``--data-root DIR``; ImageNet's ``val/<wnid>/*.JPEG`` as is), read on demand at its own size or
+  resized and centre-cropped to ``image_size`` (:func:`uapx.image_sources.image_folder`).  Any
+  ``torch.utils.data.Dataset`` of ``(image, label)`` becomes an ImageSet through
+  :func:`uapx.image_sources.from_dataset`.
 
 The MNIST test split (10,000 images) is embedded in the package, so ``uapx analyze`` works
 offline with no arguments.
@@ -26,7 +31,7 @@ import torch
 
 from .errors import UapxError
 
-DATASETS = ("mnist", "cifar10")
+DATASETS = ("mnist", "cifar10", "imagefolder")
 SPLITS = ("train", "test")
 MNIST_CLASSES = [str(i) for i in range(10)]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -42,7 +47,8 @@ class ImageSet:
     """A labelled image set held in memory as ``uint8``.
 
     Attributes:
-        x: ``(N, C, H, W)`` uint8 images.
+        x: ``(N, C, H, W)`` uint8 images, or a :class:`~uapx.image_sources.LazyImages` view of
+            files or a Dataset read on demand (``images()`` reads either as float).
         y: ``(N,)`` int64 labels.
         classes: class names, indexed by label.
         name, split, source: what it is and where it was read from.
@@ -67,6 +73,8 @@ class ImageSet:
     def images(self, idx: slice | torch.Tensor | None = None) -> torch.Tensor:
         """Float images in [0, 1], ``(n, C, H, W)``."""
         x = self.x if idx is None else self.x[idx]
+        if not isinstance(x, torch.Tensor):  # a LazyImages view (uapx.image_sources): read now
+            return x.decode()
         return x.float().div_(255.0)
 
     def take(self, rows: slice) -> "ImageSet":
@@ -104,7 +112,7 @@ def resolve_root(root: str | os.PathLike | None) -> tuple[Path, bool]:
 
 
 def load(name: str, split: str = "test", root: str | os.PathLike | None = None, *,
-         skip_unreadable: bool = False) -> ImageSet:
+         skip_unreadable: bool = False, image_size: int | None = None) -> ImageSet:
     """Load data set ``name`` (``mnist`` or ``cifar10``), split ``train`` or ``test``.
 
     Without an explicit root, the MNIST test split falls back to the copy embedded in uapx.  An
@@ -113,6 +121,16 @@ def load(name: str, split: str = "test", root: str | os.PathLike | None = None, 
     """
     if name not in DATASETS:
         raise UapxError(f"unknown data set {name!r}", f"choose from: {', '.join(DATASETS)}")
+    if name == "imagefolder":  # any ImageFolder tree, read on demand (uapx.image_sources)
+        from .image_sources import image_folder
+
+        if not root:
+            raise UapxError("--dataset imagefolder needs --data-root DIR",
+                            "pass --data-root DIR holding DIR/{train,val,test}/<class>/* or DIR/<class>/*")
+        return image_folder(root, split, image_size=image_size, skip_unreadable=skip_unreadable)
+    if image_size is not None:
+        raise UapxError(f"--image-size applies to --dataset imagefolder, not {name}",
+                        f"pass --dataset imagefolder --data-root DIR (e.g. the {name} JPEG tree), or leave it out")
     if split not in SPLITS:
         raise UapxError(f"unknown split {split!r}", f"choose from: {', '.join(SPLITS)}")
     base, explicit = resolve_root(root)

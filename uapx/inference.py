@@ -103,13 +103,13 @@ def predict_many(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device:
     n, u = x.shape[0], vs.shape[0]
     rows = rows or rows_per_forward(x.shape[1:])
     per = max(1, min(u, rows // max(n, 1)))  # perturbations per pass when a pass holds all images
-    chunk = n if per > 1 else min(n, rows)  # else: one perturbation, images in chunks
+    chunk = max(1, n if per > 1 else min(n, rows))  # else: one perturbation, images in chunks
     out = torch.empty(u, n, dtype=torch.long)
     vd = vs.to(device)
-    for g in range(0, u, per):
-        vg = vd[g:g + per]
-        for s in range(0, n, chunk):
-            xb = x[s:s + chunk].to(device)
+    for s in range(0, n, chunk):  # images outer: each chunk is read once (x may read files on demand)
+        xb = x[s:s + chunk].to(device)
+        for g in range(0, u, per):
+            vg = vd[g:g + per]
             inp = (xb.unsqueeze(0) + vg.unsqueeze(1)).clamp_(0.0, 1.0).reshape(-1, *x.shape[1:])
             pred = _forward(model, inp, bf16=bf16, compile=compile)
             out[g:g + vg.shape[0], s:s + xb.shape[0]] = pred.view(vg.shape[0], xb.shape[0]).cpu()

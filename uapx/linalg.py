@@ -23,6 +23,24 @@ from .errors import UapxError
 ChunksFn = Callable[[], Iterable[torch.Tensor]]
 """A zero-argument callable returning a fresh iterable of the ``(n_i, d)`` row blocks of a matrix."""
 
+GRAM_MAX_DIM = 16384  # the exact SVD's d x d float64 Gram matrix above this (2 GiB) is not formed
+EXACT_MAX_BYTES = 1 << 30  # ... nor is an (N, d) float64 matrix above this held for LAPACK instead
+
+
+def exact_svd_fits(n: int, d: int) -> bool:
+    """Whether the exact SVD of ``n`` rows of ``d`` values fits: a ``d x d`` Gram matrix with
+    ``d <= GRAM_MAX_DIM``, or (fewer rows than columns, one process) the float64 rows themselves
+    within ``EXACT_MAX_BYTES``.  Where it does not, :func:`randomized_svd` streams instead."""
+    return d <= GRAM_MAX_DIM or (n <= d and n * d * 8 <= EXACT_MAX_BYTES and not distributed.active())
+
+
+def check_exact_svd(n: int, d: int, who: str) -> None:
+    """A one-line error suggesting ``rsvd`` where :func:`exact_svd_fits` says no."""
+    if not exact_svd_fits(n, d):
+        raise UapxError(f"{who}: the exact SVD of {n} x {d} perturbations would need a {d} x {d} Gram matrix "
+                        f"(d > {GRAM_MAX_DIM}) or the whole matrix in memory ({n * d * 8 / 2**30:.1f} GiB)",
+                        "use the randomized, streamed 'rsvd' method instead (--plugins rsvd)")
+
 
 @dataclass
 class TopSVD:

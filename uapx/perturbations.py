@@ -69,12 +69,6 @@ class PerturbationSet:
         if self.deltas is not None and self.deltas.shape[0] != n:
             raise ValueError(f"deltas must have {n} rows")
 
-    @classmethod
-    def from_tensors(cls, deltas: torch.Tensor, labels: torch.Tensor, clean_pred: torch.Tensor,
-                     adv_pred: torch.Tensor, shape: tuple[int, ...], eps: float, **meta) -> "PerturbationSet":
-        """An in-memory set from ``deltas`` ``(N, d)`` (or ``(N, C, H, W)``) and ``(N,)`` columns."""
-        return cls(deltas.reshape(deltas.shape[0], -1), labels, clean_pred, adv_pred, tuple(shape), float(eps), **meta)
-
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
@@ -113,7 +107,8 @@ class PerturbationSet:
             if self.mask is not None:
                 block = block[self.mask[offset:offset + n]]
             offset += n
-            yield from block.split(size)
+            if block.shape[0]:  # a file the mask leaves empty yields nothing
+                yield from block.split(size)
 
     def matrix(self) -> torch.Tensor:
         """The whole ``(N, d)`` matrix in memory (for sets that fit)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,8 +39,12 @@ class AnalyzeConfig:
     dataset: str = "mnist"
     data_root: str | None = None
     split: str = "test"
-    model: str | None = None  # default zoo:<dataset>-natural
+    model: str | None = None  # default zoo:<dataset>-natural; or a factory MODULE:CALLABLE
     arch: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a factory --model
+    weights: str | None = None  # state_dict file loaded into a factory --model
+    normalize: str | None = None  # normalisation layer in front of the model: imagenet, cifar10 or MEAN;STD
+    image_size: int | None = None  # imagefolder: resize the shorter side and centre-crop to S x S
     plugins: list[str] = field(default_factory=lambda: ["average", "svd"])
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     attack: str = "pgd-l2"
@@ -185,15 +189,29 @@ class Setup:
     transfer: dict[str, nn.Module] = field(default_factory=dict)  # --transfer models, checked like the model
 
 
-def load_inputs(c: AnalyzeConfig, attack_comp: Component) -> Setup:
+def load_inputs(c: AnalyzeConfig, attack_comp: Component, *, model: nn.Module | None = None,
+                dataset: Any = None) -> Setup:
     """Stage 1: load the data, the model (and ``--transfer`` models) and build the attack plugin
-    ``attack_comp`` for a resolved config."""
+    ``attack_comp`` for a resolved config.  ``model`` (an ``nn.Module``) and ``dataset`` (an
+    :class:`~uapx.data.ImageSet` or a ``torch.utils.data.Dataset`` of ``(image, label)``) replace
+    the ones the config names.  The number of classes is the model's number of outputs, checked
+    against the data's classes with one forward pass before any attack."""
+    from .image_sources import from_dataset
+
     torch.manual_seed(c.seed)
-    images = data.load(c.dataset, c.split, c.data_root, skip_unreadable=c.skip_unreadable).subset(
-        c.n_samples, seed=c.seed)
-    model, card = models.load_with_card(c.model, device=c.device, arch=c.arch)
+    if dataset is not None:  # the user's own data: all of it when it holds no more than n_samples
+        images = from_dataset(dataset)
+        images = images.subset(c.n_samples if c.n_samples is not None and c.n_samples < len(images) else None,
+                               seed=c.seed)
+    else:
+        images = data.load(c.dataset, c.split, c.data_root, skip_unreadable=c.skip_unreadable,
+                           image_size=c.image_size).subset(c.n_samples, seed=c.seed)
+    model, card = models.load_with_card(model if model is not None else c.model, device=c.device, arch=c.arch,
+                                        model_args=c.model_args, weights=c.weights, normalize=c.normalize)
     x1 = images.images(slice(0, 1)).to(c.device)  # one forward pass each before any attack
-    check_model_fits(model, x1, len(images.classes), what=c.model, data=images.name)
+    outputs = check_model_fits(model, x1, len(images.classes), what=c.model, data=images.name)
+    if outputs > len(images.classes):  # e.g. an ImageNet model on a subset of its classes
+        images = replace(images, classes=[*images.classes, *(str(i) for i in range(len(images.classes), outputs))])
     transfer = {spec: models.load(spec, device=c.device) for spec in c.transfer}
     for spec, other in transfer.items():
         check_model_fits(other, x1, len(images.classes), what=f"--transfer {spec}", data=images.name)
@@ -302,13 +320,52 @@ class Predictions:
     adv: torch.Tensor
 
 
-def attack_images(c: AnalyzeConfig, s: Setup) -> tuple[Analysis, Predictions]:
+IN_MEMORY_BYTES = 64 << 20  # float images / perturbations above this stream (from the files / an on-disk set)
+
+
+def streams(n: int, d: int) -> bool:
+    """Whether ``n`` float32 rows of ``d`` values are too many to hold (:data:`IN_MEMORY_BYTES`)."""
+    return n * d * 4 > IN_MEMORY_BYTES
+
+
+def chunk_rows(d: int) -> int:
+    """Rows per chunk of a streamed perturbation set (and per read of images): about 16 MB each."""
+    return max(1, min(4096, (IN_MEMORY_BYTES // 4) // (4 * d)))
+
+
+@contextmanager
+def scratch_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside the report (removed afterwards; a dead run's is removed by the
+    next run claiming the same ``--out``) for the perturbations of a streamed run."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-scratch-", dir=out.parent if out.parent.is_dir() else None))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def attack_images(c: AnalyzeConfig, s: Setup, scratch: Path | None = None) -> tuple[Analysis, Predictions]:
     """Stage 2: attack this rank's shard of the images; the analysis context and every rank's
-    labels and predictions."""
+    labels and predictions.
+
+    Memory stays flat in N: where the ``(N, d)`` float rows would exceed :data:`IN_MEMORY_BYTES`
+    (and a ``scratch`` folder is given), images are read chunk by chunk, the perturbations are
+    written to an on-disk :class:`PerturbationSet` in ``scratch`` as they are made, and the
+    analysis holds an :class:`~uapx.image_sources.ImageRows` view that reads images where indexed."""
+    from .image_sources import ImageRows
+
     images = s.images.take(distributed.shard(len(s.images)))  # all of them in one process
-    pset = perturb(s.model, images, s.attack, batch_size=c.batch_size, device=c.device, meta=s.meta)
+    d = int(torch.Size(images.shape).numel())
+    stream = scratch is not None and streams(len(images), d)
+    writer = PerturbationWriter(scratch / "perturbations", s.meta) if stream else None
+    pset = perturb(s.model, images, s.attack, batch_size=c.batch_size, device=c.device, meta=s.meta,
+                   writer=writer, chunk_size=chunk_rows(d))
     preds = Predictions(*(distributed.all_gather_rows(t) for t in (images.y, pset.clean_pred, pset.adv_pred)))
-    analysis = Analysis(s.model, images.images(), images.y, c.device, c.batch_size, c.seed, pset=pset,
+    x = ImageRows(images) if stream else images.images()
+    analysis = Analysis(s.model, x, images.y, c.device, c.batch_size, c.seed, pset=pset,
                         eps=c.eps, attack=s.attack, classes=list(images.classes), n_images=len(preds.y),
                         model_id=c.model, trajectory_samples=c.trajectory_samples)
     return analysis, preds
@@ -414,26 +471,36 @@ def write_report(report: Report, out: Path, config: AnalyzeConfig, c: AnalyzeCon
     distributed.barrier()
 
 
-def analyze(config: AnalyzeConfig, *, registry: Registry | None = None) -> AnalyzeResult:
+def analyze(config: AnalyzeConfig, *, registry: Registry | None = None, model: nn.Module | None = None,
+            data: Any = None) -> AnalyzeResult:
     """Run an analysis end to end and write its report folder; see :class:`AnalyzeConfig`.
+
+    ``model`` (any ``nn.Module`` taking images in [0, 1], or behind ``config.normalize``) and
+    ``data`` (an :class:`~uapx.data.ImageSet` or any ``torch.utils.data.Dataset`` of
+    ``(image, label)``) replace the model and data set the config names.
 
     The stages: :func:`load_inputs`, :func:`attack_images`, :func:`build_uaps`,
     :func:`evaluate_uaps`, :func:`run_diagnostics`, :func:`write_report`."""
     reg = registry or get_registry()
+    if model is not None:
+        config = replace(config, model=config.model or f"<{type(model).__name__}>")
+    if data is not None:
+        config = replace(config, dataset=getattr(data, "name", None) or type(data).__name__, data_root=None)
     c = config.resolved()
     p = plan(c, reg)  # names and settings checked before any work
     out = check_output_folder(c.out, overwrite=c.overwrite, claim=distributed.is_main())
     timer = Timer()
     with timer("load"):
-        s = load_inputs(c, p.attack)
-    with timer("attack"):
-        analysis, preds = attack_images(c, s)
-    with timer("uap_methods"):
-        build_uaps(analysis, p.methods, c)
-        uaps = evaluate_uaps(analysis, preds, c, s.transfer)
-    report = Report(f"uapx analysis: {c.model} on {c.dataset} ({c.split}), eps {c.eps:g}")
-    diagnostics = run_diagnostics(analysis, p.diagnostics, c, report, timer)
-    write_report(report, out, config, c, reg, s, analysis, preds, uaps, diagnostics, timer)
+        s = load_inputs(c, p.attack, model=model, dataset=data)
+    with scratch_folder(out) as scratch:  # a streamed run's perturbation set lives here until the report is out
+        with timer("attack"):
+            analysis, preds = attack_images(c, s, scratch)
+        with timer("uap_methods"):
+            build_uaps(analysis, p.methods, c)
+            uaps = evaluate_uaps(analysis, preds, c, s.transfer)
+        report = Report(f"uapx analysis: {c.model} on {c.dataset} ({c.split}), eps {c.eps:g}")
+        diagnostics = run_diagnostics(analysis, p.diagnostics, c, report, timer)
+        write_report(report, out, config, c, reg, s, analysis, preds, uaps, diagnostics, timer)
     return AnalyzeResult(out, report.data, analysis)
 
 

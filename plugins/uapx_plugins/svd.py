@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import uapx
-from uapx.linalg import top_svd_gram, top_svd_lapack
+from uapx.linalg import check_exact_svd, top_svd_gram, top_svd_lapack
 from uapx.methods import UAPMethod, singular_directions
 
 
@@ -27,6 +27,7 @@ class SVDUAP(UAPMethod):
         self.k, self.center, self.solver = k, center, solver
 
     def directions(self, pset):
+        check_exact_svd(len(pset), pset.d, "svd")  # d > 16,384 at scale: a one-line error suggesting rsvd
         if self.solver == "gram":
             res = top_svd_gram(pset.chunks(), pset.d, self.k, center=self.center)
         else:

@@ -169,6 +169,12 @@ def normalization(spec: str | Sequence[Sequence[float]] | None) -> tuple[tuple[f
     return _checked(mean, std, spec)
 
 
+def checked_normalize(text: str) -> str:
+    """``text`` once :func:`normalization` accepts it (the CLI's check of ``--normalize``)."""
+    normalization(text)
+    return text
+
+
 def _checked(mean: tuple[float, ...], std: tuple[float, ...], spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if len(mean) != len(std) or not all(s > 0 for s in std):
         raise UapxError(f"--normalize {spec!r}: mean and std need one value per channel each, std > 0",
