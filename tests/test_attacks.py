@@ -8,7 +8,7 @@ from torch import nn
 
 import uapx.data
 import uapx.models
-from uapx.attacks import Attack, pgd, pgd_trajectory
+from uapx.attacks import PGD, pgd, pgd_trajectory
 from uapx.errors import UapxError
 
 BUDGETS = {"l2": {"eps": 2.0, "step_size": 0.5}, "linf": {"eps": 0.3, "step_size": 0.1}}
@@ -178,7 +178,7 @@ def test_impossible_budgets_are_user_errors(batch, eps, steps, step_size):
         pgd(lin, x, y, norm="l2", eps=eps, steps=steps, step_size=step_size)
     assert "\n" not in str(info.value)
     with pytest.raises(UapxError):
-        Attack(eps=eps, steps=steps, step_size=step_size)
+        PGD(eps=eps, steps=steps, step_size=step_size)
 
 
 def test_unknown_norm(batch):

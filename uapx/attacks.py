@@ -1,11 +1,14 @@
 """PGD attacks (L2 and Linf), with optional trajectory recording, and the attack plugin base.
 
-The one PGD loop in uapx is :func:`pgd_trajectory`; :func:`pgd` is it without recording.
-L2 steps go through the fused op :func:`uapx.ops.l2_pgd_step_`.
+The one PGD loop in uapx is :func:`pgd_trajectory`; :func:`pgd` is it without recording.  What
+differs per norm (the random start, the step with its projection) is one entry of
+:data:`NORM_STEPS`; the L2 entry is the fused op :func:`uapx.ops.l2_pgd_step_`.  Attack plugins
+subclass the abstract :class:`Attack`; :class:`PGD` implements it.
 """
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -16,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .defaults import check_eps, default_step_size
 from .errors import UapxError
+from .settings import Configurable
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-NORMS = ("l2", "linf")
 
 
 def check_budget(eps: float, steps: int, step_size: float) -> None:
@@ -60,16 +64,56 @@ def _trajectory_buffer(folder: str | os.PathLike | None, name: str, shape: tuple
                                                       shape=shape))
 
 
-def _random_start(x0: torch.Tensor, norm: str, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+# ----------------------------------------------------------------------------- per norm: start, step
+
+def _l2_noise(x0: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``(N, ...)`` points uniform in the L2 ball of radius ``eps`` (on the CPU)."""
     n, d = x0.shape[0], x0[0].numel()
-    if norm == "linf":
-        noise = (torch.rand(x0.shape, generator=generator, device="cpu") * 2 - 1) * eps
-    else:  # uniform in the L2 ball
-        dirs = torch.randn(n, d, generator=generator, device="cpu")
-        dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        radius = torch.rand(n, 1, generator=generator, device="cpu") ** (1.0 / d) * eps
-        noise = (dirs * radius).view_as(x0)
-    return (x0 + noise.to(x0.device)).clamp_(0.0, 1.0)
+    dirs = torch.randn(n, d, generator=generator, device="cpu")
+    dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    radius = torch.rand(n, 1, generator=generator, device="cpu") ** (1.0 / d) * eps
+    return (dirs * radius).view_as(x0)
+
+
+def _linf_noise(x0: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``(N, ...)`` points uniform in the Linf ball of radius ``eps`` (on the CPU)."""
+    return (torch.rand(x0.shape, generator=generator, device="cpu") * 2 - 1) * eps
+
+
+def _l2_step_(xa: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, step_size: float, eps: float) -> torch.Tensor:
+    """Normalised-gradient step, projection onto the L2 ball and the [0, 1] box: the fused op."""
+    return ops.l2_pgd_step_(xa, x0, grad, step_size, eps, 0.0, 1.0)
+
+
+def _linf_step_(xa: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, step_size: float, eps: float) -> torch.Tensor:
+    """Signed-gradient step, projection onto the Linf ball and the [0, 1] box."""
+    return torch.min(torch.max(xa + step_size * grad.sign(), x0 - eps), x0 + eps).clamp_(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class NormSteps:
+    """How PGD moves under one threat model.
+
+    Attributes:
+        noise: ``noise(x0, eps, generator)``: ``x0``-shaped points uniform in the eps-ball (random start).
+        step: ``step(x, x0, grad, step_size, eps)``: the next iterate from ``x`` (which it may
+            overwrite): a step along ``grad``, then projection onto the eps-ball around ``x0``
+            and the [0, 1] box.
+    """
+
+    noise: Callable[[torch.Tensor, float, torch.Generator | None], torch.Tensor]
+    step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+
+
+NORM_STEPS: dict[str, NormSteps] = {
+    "l2": NormSteps(_l2_noise, _l2_step_),
+    "linf": NormSteps(_linf_noise, _linf_step_),
+}
+NORMS = tuple(NORM_STEPS)
+
+
+def _random_start(x0: torch.Tensor, norm: str, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+    return (x0 + NORM_STEPS[norm].noise(x0, eps, generator).to(x0.device)).clamp_(0.0, 1.0)
 
 
 def pgd_trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str = "l2", eps: float,
@@ -99,6 +143,7 @@ def pgd_trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     if norm not in NORMS:
         raise UapxError(f"unknown norm {norm!r}", f"choose from: {', '.join(NORMS)}")
     check_budget(eps, steps, step_size)
+    steps_of = NORM_STEPS[norm]
     loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, reduction="none"))
     x0 = x.detach().float().contiguous()
     xa = _random_start(x0, norm, eps, generator) if random_start else x0.clone()
@@ -133,10 +178,7 @@ def pgd_trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
         if rec_idx is not None:
             grads[t] = (grad[rec_idx] * sign).reshape(m, -1).cpu()
             losses[t] = loss.detach()[rec_idx].cpu()
-        if norm == "l2":
-            ops.l2_pgd_step_(xa, x0, grad, step_size, eps, 0.0, 1.0)
-        else:
-            xa = torch.min(torch.max(xa + step_size * grad.sign(), x0 - eps), x0 + eps).clamp_(0.0, 1.0)
+        xa = steps_of.step(xa, x0, grad, step_size, eps)
         if rec_idx is not None:
             deltas[t] = (xa[rec_idx] - x0[rec_idx]).reshape(m, -1).cpu()
     traj = Trajectory(rec_idx, grads, deltas, losses) if rec_idx is not None else None
@@ -152,35 +194,50 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str = "l2",
                           generator=generator)[0]
 
 
-class Attack:
+class Attack(Configurable, ABC):
     """Base of attack plugins: configuration in the constructor, data at call time.
 
-    Subclasses set ``name``, ``description`` and ``norm``; calling the attack returns
-    ``(x_adv, trajectory_or_None)``.
+    Subclasses set ``name``, ``description`` and ``norm``, keep their constructor settings as
+    attributes of the same name (``repr`` and :meth:`settings` read them) with at least ``eps``,
+    and implement :meth:`__call__`.  :class:`PGD` is the built-in implementation.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     norm: ClassVar[str] = "l2"
+    eps: float
 
-    def __init__(self, *, eps: float, steps: int, step_size: float, random_start: bool = False) -> None:
+    @abstractmethod
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, record: bool | torch.Tensor = False,
+                 generator: torch.Generator | None = None, random_start: bool | None = None,
+                 record_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, Trajectory | None]:
+        """Attack ``x`` ``(N, C, H, W)`` in [0, 1] with labels ``y`` ``(N,)``.
+
+        Args:
+            record: False, True (every sample) or ``(m,)`` positions whose trajectory to record.
+            generator: CPU generator for random starts.
+            random_start: start from a random point of the eps-ball (``None``: the attack's setting).
+            record_dir: stream recorded trajectories to this folder (see :func:`pgd_trajectory`).
+        Returns:
+            ``x_adv`` ``(N, C, H, W)`` and a :class:`Trajectory` of the recorded samples (or None).
+        """
+
+
+class PGD(Attack):
+    """Projected gradient descent in the attack's ``norm`` (:func:`pgd_trajectory`); the step size
+    defaults to :func:`uapx.defaults.default_step_size`."""
+
+    def __init__(self, *, eps: float, steps: int, step_size: float | None = None, random_start: bool = False) -> None:
+        if step_size is None:
+            step_size = default_step_size(eps, steps)
         check_budget(eps, steps, step_size)
-        from .defaults import check_eps
-
         check_eps(self.norm, float(eps))
         self.eps, self.steps, self.step_size, self.random_start = float(eps), int(steps), float(step_size), random_start
 
-    def settings(self) -> dict:
-        return {"norm": self.norm, "eps": self.eps, "steps": self.steps, "step_size": self.step_size,
-                "random_start": self.random_start}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items() if k != "norm")
-        return f"{type(self).__name__}({args})"
-
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, record: bool | torch.Tensor = False,
-                 generator: torch.Generator | None = None,
+                 generator: torch.Generator | None = None, random_start: bool | None = None,
                  record_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, Trajectory | None]:
+        start = self.random_start if random_start is None else random_start
         return pgd_trajectory(model, x, y, norm=self.norm, eps=self.eps, steps=self.steps,
-                              step_size=self.step_size, random_start=self.random_start, record=record,
+                              step_size=self.step_size, random_start=start, record=record,
                               generator=generator, record_dir=record_dir)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .settings import Configurable
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
@@ -32,7 +34,7 @@ class DiagnosticResult:
     summary: str = ""
 
 
-class Diagnostic:
+class Diagnostic(Configurable):
     """Base of diagnostic plugins.
 
     Class attributes declare what a diagnostic needs and can do: ``needs_trajectories`` (the
@@ -48,11 +50,9 @@ class Diagnostic:
     needs_trajectories: ClassVar[bool] = False
     supports_distributed: ClassVar[bool] = False  # correct when each rank holds a shard (torchrun)
 
-    def __init__(self, **settings: Any) -> None:
-        self.settings = dict(settings)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"
+    def __init__(self) -> None:
+        """No settings; a subclass's constructor takes its own as keyword parameters and keeps each
+        as the attribute of the same name (``repr`` and ``settings()`` read them back)."""
 
     def run(self, analysis: "Analysis") -> DiagnosticResult:
         """Measure on ``analysis``; see :class:`uapx.analysis.Analysis` for what it holds."""

@@ -18,6 +18,7 @@ import torch
 from . import contract
 from .analysis import MethodData  # noqa: F401  (re-exported: uapx.methods.MethodData)
 from .perturbations import PerturbationSet
+from .settings import Configurable
 
 
 @dataclass
@@ -66,11 +67,13 @@ def singular_directions(res) -> list[Direction]:
             for i in range(res.S.numel())]
 
 
-class UAPMethod:
+class UAPMethod(Configurable):
     """Base of UAP method plugins.
 
-    Subclasses set ``name`` and ``description`` and implement :meth:`directions`.  Keyword
-    settings given to the constructor are stored and shown by ``repr``.
+    Subclasses set ``name`` and ``description`` and implement :meth:`directions`.  A subclass's
+    constructor takes its settings as keyword parameters and keeps each as the attribute of the
+    same name (``repr`` and :meth:`~uapx.settings.Configurable.settings` read them back); it
+    passes ``per_class`` on to this constructor.
 
     Set-based methods (the default) implement ``directions(pset)``: one computation serves
     every eps, since each direction is scaled onto the eps-sphere.  Model-based methods set
@@ -85,13 +88,8 @@ class UAPMethod:
     needs_model: ClassVar[bool] = False
     supports_distributed: ClassVar[bool] = False  # reduces across torchrun ranks (uapx.linalg helpers)
 
-    def __init__(self, *, per_class: bool = True, **settings) -> None:
+    def __init__(self, *, per_class: bool = True) -> None:
         self.per_class = per_class
-        self.settings = dict(settings)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in {**self.settings, "per_class": self.per_class}.items())
-        return f"{type(self).__name__}({args})"
 
     def directions(self, pset: PerturbationSet, **kwargs) -> list[Direction]:
         """Find universal directions in ``pset`` (rows ``(N, d)``); any non-zero norm."""
@@ -163,15 +161,8 @@ def uaps_to_bytes(uaps: Sequence[UAP]) -> bytes:
     return buf.getvalue()
 
 
-def save_uaps(path, uaps: Sequence[UAP]) -> None:
-    """Write UAPs (tensors plus metadata) to one file, atomically."""
-    from . import atomic
-
-    atomic.write_bytes(path, uaps_to_bytes(uaps))
-
-
 def load_uaps(path) -> list[UAP]:
-    """Read UAPs written by :func:`save_uaps` (a report's ``uaps.pt``)."""
+    """Read UAPs written by :func:`uaps_to_bytes` (a report's ``uaps.pt``)."""
     from .errors import UapxError
     from .models.checkpoints import read_checkpoint
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from . import atomic, data
 from .attacks import pgd
+from .defaults import default_step_size
 from .errors import UapxError
 
 AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
@@ -61,9 +62,9 @@ def with_restarts(attack: AttackFn, restarts: int) -> AttackFn:
 
 
 def pgd_attack(norm: str, eps: float, steps: int, *, random_start: bool = True) -> AttackFn:
-    """PGD with the default step size ``2.5 * eps / steps`` as an :data:`AttackFn`."""
+    """PGD with the default step size (:func:`uapx.defaults.default_step_size`) as an :data:`AttackFn`."""
     def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return pgd(model, x, y, norm=norm, eps=eps, steps=steps, step_size=2.5 * eps / steps,
+        return pgd(model, x, y, norm=norm, eps=eps, steps=steps, step_size=default_step_size(eps, steps),
                    random_start=random_start, generator=generator)
     return attack
 
@@ -122,7 +123,7 @@ def card_entry(model: nn.Module, test_set: data.ImageSet, card: dict, *, n: int 
     strong = strong_attack(model, images, norm=norm, eps=eps, steps=steps, restarts=restarts, seed=seed,
                            device=device)
     k = round(strong * len(images))
-    return {"norm": norm, "eps": eps, "steps": steps, "restarts": restarts, "step_size": 2.5 * eps / steps,
+    return {"norm": norm, "eps": eps, "steps": steps, "restarts": restarts, "step_size": default_step_size(eps, steps),
             "random_start": True, "images": len(images),
             "sample": ("all test images" if n is None
                        else f"seeded random sample (uapx.data.ImageSet.subset, seed {seed})"),

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import atomic, data, strength
 from .attacks import check_budget, pgd
+from .defaults import default_step_size
 from .errors import UapxError
 from .models import build, save_model
 from .models.architectures import DEFAULT_ARCH
@@ -42,7 +43,7 @@ class TrainConfig:
     adversarial: str | None = None  # None, "l2" or "linf"
     eps: float = 2.0
     attack_steps: int = 10
-    attack_step_size: float | None = None  # default 2.5 * eps / steps
+    attack_step_size: float | None = None  # default uapx.defaults.default_step_size (2.5 * eps / steps)
     eps_ramp_epochs: float = 0.0  # training eps grows linearly from eps/ramp-batches to eps over this many epochs
     early_stop: bool = False  # Wong et al. 2020: stop when the epoch-end PGD accuracy drops > 20 points
     epochs: int = 3
@@ -72,7 +73,8 @@ class TrainConfig:
         c.lr = c.lr if c.lr is not None else (0.1 if c.optimizer == "sgd" else 1e-3)
         c.weight_decay = c.weight_decay if c.weight_decay is not None else (5e-4 if c.optimizer == "sgd" else 0.0)
         c.augment = c.augment if c.augment is not None else cifar
-        c.attack_step_size = c.attack_step_size or 2.5 * c.eps / c.attack_steps
+        if c.attack_step_size is None:
+            c.attack_step_size = default_step_size(c.eps, c.attack_steps)
         c.eval_eps = c.eval_eps or c.eps
         if c.adversarial not in (None, "l2", "linf"):
             raise UapxError(f"unknown --adversarial {c.adversarial!r}", "choose l2 or linf, or leave it out")
@@ -124,7 +126,8 @@ def evaluate(model: nn.Module, images: data.ImageSet, *, norm: str | None = None
         x = images.images(slice(s, s + batch_size)).to(device)
         y = images.y[s:s + batch_size].to(device)
         if norm is not None:
-            x = pgd(model, x, y, norm=norm, eps=eps, steps=steps, step_size=step_size or 2.5 * eps / steps)
+            step = step_size if step_size is not None else default_step_size(eps, steps)
+            x = pgd(model, x, y, norm=norm, eps=eps, steps=steps, step_size=step)
         with torch.no_grad():
             correct += int((model(x).argmax(1) == y).sum())
     return correct / len(images)
@@ -231,7 +234,7 @@ def train(config: TrainConfig) -> dict:
     clean = evaluate(model, test_set, device=c.device, desc="clean accuracy")
     robust_set = test_set.subset(c.eval_n, seed=c.seed) if c.eval_n else test_set
     norm = c.adversarial or "l2"
-    robust_step = 2.5 * c.eval_eps / c.eval_steps
+    robust_step = default_step_size(c.eval_eps, c.eval_steps)
     robust = evaluate(model, robust_set, norm=norm, eps=c.eval_eps, steps=c.eval_steps, step_size=robust_step,
                       device=c.device, desc="robust accuracy")
     card = {
@@ -280,7 +283,8 @@ def _early_stop_check(model: nn.Module, images: data.ImageSet, c: TrainConfig, e
     x, y = images.images().to(c.device), images.y
     g = torch.Generator().manual_seed(c.seed * 1000 + epoch)
     steps = EARLY_STOP_STEPS
-    x_adv = pgd(model, x, y.to(c.device), norm=c.adversarial, eps=c.eps, steps=steps, step_size=2.5 * c.eps / steps,
+    x_adv = pgd(model, x, y.to(c.device), norm=c.adversarial, eps=c.eps, steps=steps,
+                step_size=default_step_size(c.eps, steps),
                 random_start=True, generator=g)
     with torch.no_grad():
         return float((model(x_adv).argmax(1).cpu() == y).double().mean())

@@ -11,16 +11,13 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import matplotlib
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-import uapx  # noqa: E402
-from uapx import distributed  # noqa: E402
+import uapx
+from uapx import distributed
+from uapx.plots import plt
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(model_output, y) -> (N,)`` per-image loss; the default is cross-entropy."""
@@ -179,6 +176,18 @@ def batches(m: int, size: int):
     """Slices of ``range(m)`` of at most ``size`` rows."""
     for s in range(0, m, max(size, 1)):
         yield slice(s, min(s + size, m))
+
+
+def per_image(fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
+              y: torch.Tensor, *, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-image measure and its control over batches: ``fn(xb, yb) -> (measure (b,), control (b,))``
+    on ``device`` for batches of ``x`` ``(m, C, H, W)`` and ``y`` ``(m,)``; both ``(m,)`` on the CPU."""
+    values, controls = [], []
+    for b in batches(len(y), batch_size):
+        a, r = fn(x[b].to(device), y[b].to(device))
+        values.append(a.cpu())
+        controls.append(r.cpu())
+    return torch.cat(values), torch.cat(controls)
 
 
 def measure_result(name: str, label: str, values: torch.Tensor, control: torch.Tensor | None, control_label: str,

@@ -14,7 +14,7 @@ class AverageUAP(UAPMethod):
     description = "mean of the per-image perturbations (optionally of normalised ones), scaled to eps"
 
     def __init__(self, *, normalize: bool = False, per_class: bool = True) -> None:
-        super().__init__(per_class=per_class, normalize=normalize)
+        super().__init__(per_class=per_class)
         self.normalize = normalize
 
     def directions(self, pset):

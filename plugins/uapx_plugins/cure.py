@@ -62,7 +62,6 @@ class CureDiagnostic(Diagnostic):
 
     def __init__(self, *, images: int = 100, h: float | None = None, direction: str | None = None,
                  batch_size: int = 100) -> None:
-        super().__init__(images=images, h=h, direction=direction, batch_size=batch_size)
         if h is not None and h <= 0:
             raise uapx.UapxError(f"cure.h must be > 0, got {h}", "pass --set cure.h=0.5 (an L2 distance)")
         if direction not in (None, "gradient", "sign"):
@@ -70,21 +69,16 @@ class CureDiagnostic(Diagnostic):
         self.images, self.h, self.direction, self.batch_size = images, h, direction, batch_size
 
     def run(self, analysis):
-        c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
         pos, x, y = M.selected_images(analysis, self.images)
         norm = getattr(analysis.attack, "norm", "l2")
         direction = self.direction or ("sign" if norm == "linf" else "gradient")
-        h = float(self.h if self.h is not None else c.eps)
-        g = torch.Generator().manual_seed(c.seed + 302)
-        cur, ctl = [], []
-        for b in M.batches(len(y), self.batch_size):
-            a, r = cure_curvature(analysis.model, x[b].to(c.device), y[b].to(c.device), h=h, direction=direction,
-                                  generator=g)
-            cur.append(a.cpu())
-            ctl.append(r.cpu())
-        return M.measure_result("cure", "CURE curvature", torch.cat(cur), torch.cat(ctl),
-                                "along a random direction", y, seed=c.seed,
-                                extra={"positions": pos.tolist(), "h": h, "direction": direction})
+        h = float(self.h if self.h is not None else analysis.eps)
+        g = torch.Generator().manual_seed(analysis.seed + 302)
+        cur, ctl = M.per_image(lambda xb, yb: cure_curvature(analysis.model, xb, yb, h=h, direction=direction,
+                                                             generator=g),
+                               x, y, batch_size=self.batch_size, device=analysis.device)
+        return M.measure_result("cure", "CURE curvature", cur, ctl, "along a random direction", y,
+                                seed=analysis.seed, extra={"positions": pos.tolist(), "h": h, "direction": direction})
 
 
 @uapx.hookimpl

@@ -128,8 +128,7 @@ class DeepFoolUAP(UAPMethod):
         if batch is not None and (int(batch) != batch or batch < 1):
             raise uapx.UapxError(f"deepfool-uap.batch must be a whole number >= 1, got {batch}",
                                  "pass --set deepfool-uap.batch=32, or leave it unset for the sequential loop")
-        super().__init__(per_class=per_class, passes=passes, delta=delta, max_iter=max_iter, overshoot=overshoot,
-                         max_images=max_images, batch=batch)
+        super().__init__(per_class=per_class)
         self.batch = None if batch is None else int(batch)
         self.passes, self.delta, self.max_iter, self.overshoot = passes, delta, max_iter, overshoot
         self.max_images = max_images

@@ -47,23 +47,16 @@ class GradAlignDiagnostic(Diagnostic):
     description = "GradAlign cosine of Andriushchenko & Flammarion 2020: grad at x vs at a random point of the ball"
 
     def __init__(self, *, images: int = 100, batch_size: int = 100) -> None:
-        super().__init__(images=images, batch_size=batch_size)
         self.images, self.batch_size = images, batch_size
 
     def run(self, analysis):
-        c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
         pos, x, y = M.selected_images(analysis, self.images)
-        norm = getattr(analysis.attack, "norm", "l2")
-        g = torch.Generator().manual_seed(c.seed + 202)
-        ga, ctl = [], []
-        for b in M.batches(len(y), self.batch_size):
-            a, r = gradient_alignment(analysis.model, x[b].to(c.device), y[b].to(c.device), eps=float(c.eps),
-                                      norm=norm, generator=g)
-            ga.append(a.cpu())
-            ctl.append(r.cpu())
-        return M.measure_result("gradalign", "GradAlign cosine", torch.cat(ga), torch.cat(ctl),
-                                "cosine with a random direction", y, seed=c.seed,
-                                extra={"positions": pos.tolist(), "eps": float(c.eps), "norm": norm})
+        norm, eps = getattr(analysis.attack, "norm", "l2"), analysis.eps
+        g = torch.Generator().manual_seed(analysis.seed + 202)
+        ga, ctl = M.per_image(lambda xb, yb: gradient_alignment(analysis.model, xb, yb, eps=eps, norm=norm,
+                                                                generator=g), x, y, batch_size=self.batch_size, device=analysis.device)
+        return M.measure_result("gradalign", "GradAlign cosine", ga, ctl, "cosine with a random direction", y,
+                                seed=analysis.seed, extra={"positions": pos.tolist(), "eps": eps, "norm": norm})
 
 
 @uapx.hookimpl

@@ -68,24 +68,17 @@ class HessianDiagnostic(Diagnostic):
     description = "top eigenvalue of the input Hessian (power iteration on Hessian-vector products) vs a random direction"
 
     def __init__(self, *, images: int = 100, iters: int = 20, batch_size: int = 100) -> None:
-        super().__init__(images=images, iters=iters, batch_size=batch_size)
         if iters < 1:
             raise uapx.UapxError(f"hessian.iters must be >= 1, got {iters}", "pass --set hessian.iters=20")
         self.images, self.iters, self.batch_size = images, iters, batch_size
 
     def run(self, analysis):
-        c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
         pos, x, y = M.selected_images(analysis, self.images)
-        g = torch.Generator().manual_seed(c.seed + 402)
-        lam, ctl = [], []
-        for b in M.batches(len(y), self.batch_size):
-            a, r = top_eigenvalue(analysis.model, x[b].to(c.device), y[b].to(c.device), iters=self.iters,
-                                  generator=g)
-            lam.append(a.cpu())
-            ctl.append(r.cpu())
-        return M.measure_result("hessian", "top Hessian eigenvalue", torch.cat(lam), torch.cat(ctl),
-                                "curvature r^T H r of a random direction", y, seed=c.seed,
-                                extra={"positions": pos.tolist(), "iters": self.iters})
+        g = torch.Generator().manual_seed(analysis.seed + 402)
+        lam, ctl = M.per_image(lambda xb, yb: top_eigenvalue(analysis.model, xb, yb, iters=self.iters, generator=g),
+                               x, y, batch_size=self.batch_size, device=analysis.device)
+        return M.measure_result("hessian", "top Hessian eigenvalue", lam, ctl,
+                                "curvature r^T H r of a random direction", y, seed=analysis.seed, extra={"positions": pos.tolist(), "iters": self.iters})
 
 
 @uapx.hookimpl

@@ -26,6 +26,7 @@ import torch
 import uapx
 from uapx import distributed
 from uapx.diagnostics import Diagnostic, DiagnosticResult
+from uapx.stats import mean_se
 from uapx.linalg import gram, randomized_svd
 from uapx.plots import image_grid
 
@@ -79,6 +80,20 @@ def principal_subspace(x: torch.Tensor, k: int, *, max_gram_dim: int = GRAM_MAX_
     return torch.linalg.qr(res.V.double().T).Q.T.contiguous()
 
 
+def _alignment_control(diffs: dict[int, torch.Tensor], d: int, *, seed: int, draws: int = 20) -> dict:
+    """Signed cosines of random Gaussian directions with each class-mean difference ``(d,)``: the
+    control of ``class_alignment`` (mean over classes of the per-class mean over ``draws``, its s.e.)."""
+    g = torch.Generator().manual_seed(seed)
+    per_class, absolute = [], []
+    for ref in diffs.values():
+        r = torch.randn(draws, d, generator=g, dtype=torch.float64)
+        c = (r @ ref.double()) / (r.norm(dim=1) * ref.double().norm()).clamp_min(1e-300)
+        per_class.append(float(c.mean()))
+        absolute.append(float(c.abs().mean()))
+    return {**mean_se(torch.tensor(per_class), seed=seed), "abs_mean": sum(absolute) / max(len(absolute), 1),
+            "expected_sd_one_cosine": d ** -0.5, "what": "random Gaussian directions, any norm (cosine)"}
+
+
 def subspace_energy(v: torch.Tensor, basis: torch.Tensor) -> float:
     """``||P v||^2 / ||v||^2`` for the orthonormal rows ``basis`` ``(k, d)``."""
     v = v.reshape(-1).double()
@@ -93,7 +108,6 @@ class InterpretabilityDiagnostic(Diagnostic):
     description = "UAP images and scores: cosine to class-mean differences, energy in the images' top PCs"
 
     def __init__(self, *, components: int = 50, svd_vectors: int = 4) -> None:
-        super().__init__(components=components, svd_vectors=svd_vectors)
         self.components, self.svd_vectors = components, svd_vectors
 
     def run(self, analysis):
@@ -123,6 +137,10 @@ class InterpretabilityDiagnostic(Diagnostic):
             "random_subspace_energy": {"mean": sum(rand) / len(rand), "expected": k / d},
             "class_alignment": align,
             "class_alignment_mean": {m: sum(v) / len(v) for m, v in by_method.items()},
+            # signed: a class UAP pointing against its class-mean difference scores < 0; bootstrap s.e. over classes
+            "class_alignment_stats": {m: mean_se(torch.tensor(v), seed=analysis.seed) for m, v in by_method.items()},
+            "class_alignment_control": _alignment_control(diffs, d, seed=analysis.seed + 12),
+            "random_subspace_energy_stats": mean_se(torch.tensor(rand), seed=analysis.seed),
         }
         plots = []
         svd = [u for u in analysis.uaps if u.source_class is None and u.tag.startswith("v")][: self.svd_vectors]

@@ -10,16 +10,13 @@ profiles are those of one process.
 """
 from __future__ import annotations
 
-import matplotlib
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import uapx  # noqa: E402
-from uapx import distributed  # noqa: E402
-from uapx.diagnostics import Diagnostic, DiagnosticResult  # noqa: E402
+import uapx
+from uapx import distributed
+from uapx.diagnostics import Diagnostic, DiagnosticResult
+from uapx.plots import plt
 
 
 @torch.no_grad()
@@ -53,7 +50,6 @@ class LandscapeDiagnostic(Diagnostic):
     description = "loss along UAPs vs random directions (curves, 2-D surface, curvature at the data)"
 
     def __init__(self, *, points: int = 21, grid: int = 11, random_dirs: int = 3, images: int = 200) -> None:
-        super().__init__(points=points, grid=grid, random_dirs=random_dirs, images=images)
         self.points, self.grid, self.random_dirs, self.images = points | 1, grid | 1, random_dirs, images
 
     def run(self, analysis):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import uapx
+from uapx.defaults import default_step_size
 from uapx.diagnostics import Diagnostic
 
 from . import _measures as M
@@ -41,7 +42,7 @@ def local_linearity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: 
     ``step_size``, default ``2.5 eps / steps``) from a uniformly random point of the ball, where
     ``g_random`` is taken."""
     generator = generator or torch.Generator().manual_seed(0)
-    alpha = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
+    alpha = step_size if step_size is not None else default_step_size(eps, steps)
     loss0, grad0 = M.input_grad(model, x, y, loss_fn)
     loss0, grad0 = loss0.detach(), grad0.detach()
     delta = M.project(M.uniform_ball(tuple(x.shape), eps, norm, generator).to(x.device), x, eps, norm, clip=clip)
@@ -67,27 +68,21 @@ class LocalLinearityDiagnostic(Diagnostic):
     description = "local linearity gamma(eps, x) of Qin et al. 2019 (PGD-maximised), vs a random point of the ball"
 
     def __init__(self, *, images: int = 100, steps: int = 10, batch_size: int = 100) -> None:
-        super().__init__(images=images, steps=steps, batch_size=batch_size)
         if steps < 0:
             raise uapx.UapxError(f"local-linearity.steps must be >= 0, got {steps}",
                                  "pass --set local-linearity.steps=10")
         self.images, self.steps, self.batch_size = images, steps, batch_size
 
     def run(self, analysis):
-        c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
         pos, x, y = M.selected_images(analysis, self.images)
-        norm = getattr(analysis.attack, "norm", "l2")
-        g = torch.Generator().manual_seed(c.seed + 102)
-        gam, rnd = [], []
-        for b in M.batches(len(y), self.batch_size):
-            a, r = local_linearity(analysis.model, x[b].to(c.device), y[b].to(c.device), eps=float(c.eps), norm=norm,
-                                   steps=self.steps, generator=g)
-            gam.append(a.cpu())
-            rnd.append(r.cpu())
-        return M.measure_result("gamma", "gamma(eps, x)", torch.cat(gam), torch.cat(rnd),
-                                "g at a uniform random point of the ball", y, seed=c.seed,
-                                extra={"positions": pos.tolist(), "eps": float(c.eps), "norm": norm,
-                                       "steps": self.steps})
+        norm, eps = getattr(analysis.attack, "norm", "l2"), analysis.eps
+        g = torch.Generator().manual_seed(analysis.seed + 102)
+        gam, rnd = M.per_image(lambda xb, yb: local_linearity(analysis.model, xb, yb, eps=eps, norm=norm,
+                                                              steps=self.steps, generator=g),
+                               x, y, batch_size=self.batch_size, device=analysis.device)
+        return M.measure_result("gamma", "gamma(eps, x)", gam, rnd, "g at a uniform random point of the ball", y,
+                                seed=analysis.seed,
+                                extra={"positions": pos.tolist(), "eps": eps, "norm": norm, "steps": self.steps})
 
 
 @uapx.hookimpl

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import uapx
-from uapx.attacks import Attack
+from uapx.attacks import PGD
 
 
-class PGDL2(Attack):
+class PGDL2(PGD):
     name = "pgd-l2"
     description = "PGD bounded in the L2 norm (fused step), per-image perturbations"
     norm = "l2"
 
 
-class PGDLinf(Attack):
+class PGDLinf(PGD):
     name = "pgd-linf"
     description = "PGD bounded in the Linf norm (signed-gradient steps)"
     norm = "linf"

@@ -34,8 +34,7 @@ class RandomizedSVDUAP(UAPMethod):
             if isinstance(value, bool) or int(value) != value or value < low:
                 raise uapx.UapxError(f"rsvd: {setting} must be a whole number >= {low}, got {value!r}",
                                      f"pass {setting} >= {low}")
-        super().__init__(per_class=per_class, k=k, oversample=oversample, power_iters=power_iters, center=center,
-                         single_pass=single_pass, seed=seed)
+        super().__init__(per_class=per_class)
         self.k, self.oversample, self.power_iters = int(k), int(oversample), int(power_iters)
         self.center, self.single_pass, self.seed = center, single_pass, seed
 

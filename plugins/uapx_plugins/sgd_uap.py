@@ -30,8 +30,7 @@ class SGDUAP(UAPMethod):
 
     def __init__(self, *, epochs: int = 10, batch_size: int = 100, step_size: float | None = None,
                  loss_clip: float | None = None, per_class: bool = False) -> None:
-        super().__init__(per_class=per_class, epochs=epochs, batch_size=batch_size, step_size=step_size,
-                         loss_clip=loss_clip)
+        super().__init__(per_class=per_class)
         self.epochs, self.batch_size, self.step_size, self.loss_clip = epochs, batch_size, step_size, loss_clip
 
     def directions(self, pset, *, data, eps):

@@ -3,7 +3,8 @@
 For every recorded image i and step t, the cosine similarity between its input gradient g_i(t)
 and three references -- the talk's "cos sim to avg grad at final step" admits all three:
 
-- ``universal``: the average over images of the final-step gradients, mean_j g_j(T);
+- ``universal``: the average over images of the final-step *unit* gradients, mean_j g_j(T)/||g_j(T)||
+  (so a few images with large gradients cannot dominate it);
 - ``own_final``: the image's own final-step gradient g_i(T);
 - ``own_mean``: the image's own trajectory-average gradient mean_t g_i(t).
 
@@ -15,17 +16,14 @@ image 0) run on the rank that holds it; only rank 0 writes the report.
 """
 from __future__ import annotations
 
-import matplotlib
+from matplotlib.ticker import MaxNLocator
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import torch  # noqa: E402
-
-import uapx  # noqa: E402
-from uapx import distributed  # noqa: E402
-from uapx.attacks import pgd_trajectory  # noqa: E402
-from uapx.diagnostics import Diagnostic, DiagnosticResult  # noqa: E402
+import uapx
+from uapx import distributed
+from uapx.diagnostics import Diagnostic, DiagnosticResult
+from uapx.stats import class_counts, mean_se
+from uapx.plots import plt
 
 REFERENCES = ("universal", "own_final", "own_mean")
 
@@ -61,23 +59,22 @@ class TrajectoryDiagnostic(Diagnostic):
     needs_trajectories = True
 
     def __init__(self, *, restarts: int = 20) -> None:
-        super().__init__(restarts=restarts)
         self.restarts = restarts
 
     def _restarts(self, analysis, universal: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
         """Cosines ``(steps, restarts)`` for one image (``index`` into this rank's ``x``) attacked
         from random starts in the eps-ball."""
-        a, dev = analysis.attack, analysis.device
+        dev = analysis.device
         x = analysis.x[index:index + 1].expand(self.restarts, *analysis.x.shape[1:]).to(dev)
         y = analysis.y[index:index + 1].expand(self.restarts).to(dev)
         g = torch.Generator().manual_seed(analysis.seed + 13)
-        _, traj = pgd_trajectory(analysis.model, x, y, norm=a.norm, eps=a.eps, steps=a.steps,
-                                 step_size=a.step_size, random_start=True, record=True, generator=g)
+        _, traj = analysis.attack(analysis.model, x, y, record=True, generator=g, random_start=True)
         return trajectory_cosines(traj.grads, universal)
 
     def run(self, analysis):
         traj = analysis.trajectories()  # this rank's part of the global first trajectory_samples images
         final = traj.grads[-1].double()
+        final = final / final.norm(dim=1, keepdim=True).clamp_min(1e-30)  # unit gradients: no image dominates
         if distributed.active():  # the universal reference over every rank's trajectories
             count = distributed.all_reduce_scalar(final.shape[0])
             universal = distributed.all_reduce_(final.sum(0)) / max(count, 1)
@@ -94,6 +91,20 @@ class TrajectoryDiagnostic(Diagnostic):
         for name, c in cos.items():
             figures[name] = {"mean_per_step": c.mean(1).tolist(), "std_per_step": c.std(1, unbiased=False).tolist(),
                              "mean_over_trajectory": float(c.mean())}
+        d = int(traj.grads.shape[2])
+        g_ctl = torch.Generator().manual_seed(analysis.seed + 29)
+        for name, c in cos.items():  # per image: the mean over the steps before the last (the last is 1 for own_final)
+            per_image = (c[:-1] if steps > 1 else c).mean(0)
+            r = torch.randn(steps, m, d, generator=g_ctl, dtype=torch.float64)  # random unit vectors in d dims
+            ref = torch.randn(m, d, generator=g_ctl, dtype=torch.float64)
+            ctl = ((r / r.norm(dim=2, keepdim=True)) * (ref / ref.norm(dim=1, keepdim=True))).sum(2)
+            ctl = (ctl[:-1] if steps > 1 else ctl).mean(0)
+            figures[name].update(
+                per_image_before_last=per_image.tolist(),
+                before_last=mean_se(per_image, seed=analysis.seed),
+                control={**mean_se(ctl, seed=analysis.seed + 1), "expected_sd_one_cosine": d ** -0.5,
+                         "what": "cosines of random unit vectors in d dimensions, same steps and images"})
+        figures["class_counts"] = class_counts(analysis.y[traj.index.cpu()]) if not distributed.active() else None
         index = 0  # the single image: global image 0 (the first trajectory), on rank 0
         figures["single_image"] = {"index": index, **{name: c[:, 0].tolist() for name, c in cos.items()}}
         held = (traj.index == index).nonzero().flatten()  # on the rank that holds it: no collective below
@@ -126,8 +137,8 @@ class TrajectoryDiagnostic(Diagnostic):
         ax2.set_xlabel("cosine similarity (all steps, all starts)")
         ax2.set_ylabel("count")
         ax2.legend(fontsize=8)
-        u = figures["universal"]["mean_over_trajectory"]
-        f = figures["own_final"]["mean_over_trajectory"]
+        u = figures["universal"]["before_last"]["mean"]
+        f = figures["own_final"]["before_last"]["mean"]
         return DiagnosticResult(figures, [
             ("curves", fig, "Cosine similarity of the gradient at each PGD step to the average final-step "
                             "gradient over images (universal), the image's own final-step gradient and its own "
@@ -135,7 +146,9 @@ class TrajectoryDiagnostic(Diagnostic):
             ("single-image", fig2, f"Image {index}: distribution of the cosine similarities over the steps of its "
                                    f"trajectory and of {self.restarts} more from random starts in the eps-ball."),
         ], summary=f"Over {m} trajectories of {steps} steps, the mean cosine similarity to the universal "
-                   f"final-step gradient is {u:.3f} and to each image's own final-step gradient {f:.3f}.")
+                   f"final-step unit gradient is {u:.3f} and to each image's own final-step gradient {f:.3f} "
+                   f"(steps before the last; random unit vectors in {d} dimensions: "
+                   f"{figures['own_final']['control']['mean']:.3f}).")
 
 
 @uapx.hookimpl
