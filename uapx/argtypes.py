@@ -35,6 +35,17 @@ def whole(low: int = 1) -> Callable[[str], int]:
     return convert
 
 
+SEED_MAX = 2**32 - 1  # NumPy's limit; torch takes it too
+
+
+def seed(text: str) -> int:
+    """A random seed: a whole number in ``[0, 2**32 - 1]``."""
+    value = whole(0)(text)
+    if value > SEED_MAX:
+        raise _refuse(f"must be at most {SEED_MAX}, got {value}", f"pass a seed between 0 and {SEED_MAX}")
+    return value
+
+
 def count_or_all(text: str) -> int | None:
     """A whole number >= 1, or ``all`` (None)."""
     if text == "all":
