@@ -6,7 +6,6 @@ and keeps its traceback.
 """
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_USAGE = 2  # bad input the user can fix (the error names the fix)
 EXIT_PLUGIN = 3  # a plugin raised while running
 EXIT_INTERRUPTED = 130

@@ -155,9 +155,6 @@ class Registry:
 
     # -- lookup -----------------------------------------------------------------------------
 
-    def of_kind(self, kind: str) -> list[Component]:
-        return [c for c in self.components.values() if c.kind == kind]
-
     def get(self, name: str, kinds: Iterable[str] | str | None = None) -> Component:
         """The component called ``name`` (of one of ``kinds``); a one-line error listing the
         known names if there is none."""

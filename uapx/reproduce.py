@@ -16,17 +16,14 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from . import atomic, models  # noqa: E402
-from .errors import UapxError  # noqa: E402
-from .pipeline import AnalyzeConfig, analyze  # noqa: E402
-from .registry import Registry, get_registry  # noqa: E402
-from .report import Report, check_output_folder  # noqa: E402
+from . import atomic, models
+from .errors import UapxError
+from .pipeline import AnalyzeConfig, analyze
+from .plots import plt
+from .registry import Registry, get_registry
+from .report import Report, check_output_folder
 
 STUDY = {  # dataset -> (natural model, adversarial model, eps)
     "mnist": ("zoo:mnist-natural", "zoo:mnist-l2", 2.0),
