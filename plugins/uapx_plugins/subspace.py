@@ -19,19 +19,16 @@ per-image budget.
 """
 from __future__ import annotations
 
-import matplotlib
+import torch
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import uapx
+from uapx import distributed
+from uapx.diagnostics import Diagnostic, DiagnosticResult
+from uapx.evaluate import predict
+from uapx.plots import plt
 
-import uapx  # noqa: E402
-from uapx import distributed  # noqa: E402
-from uapx.diagnostics import Diagnostic, DiagnosticResult  # noqa: E402
-from uapx.evaluate import predict  # noqa: E402
-
-from . import _measures as M  # noqa: E402
+from . import _measures as M
 
 K_GRID = (1, 2, 5, 10, 20, 50, 100)
 
@@ -73,7 +70,6 @@ class SubspaceDiagnostic(Diagnostic):
     description = "subspace test of Moosavi-Dezfooli et al. 2017: held-out fooling of random vectors in the top-k singular span"
 
     def __init__(self, *, draws: int = 10, max_k: int = 100, radius: float | None = None) -> None:
-        super().__init__(draws=draws, max_k=max_k, radius=radius)
         if draws < 1 or max_k < 1:
             raise uapx.UapxError(f"subspace.draws and subspace.max_k must be >= 1, got {draws} and {max_k}",
                                  "pass --set subspace.draws=10 --set subspace.max_k=100")
