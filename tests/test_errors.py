@@ -107,6 +107,9 @@ def make_case(name: str, tmp_path, monkeypatch):
     if name == "apply output under a file":
         (tmp_path / "file").write_text("x")
         return ["apply", str(uap_file(tmp_path)), "--out", str(tmp_path / "file" / "r.json")], "is a file, not a folder"
+    if name == "apply output that exists":
+        (tmp_path / "r.json").write_text('{"earlier": true}')
+        return ["apply", str(uap_file(tmp_path)), "--out", str(tmp_path / "r.json")], "already exists"
     if name == "train output under a file":
         (tmp_path / "file").write_text("x")
         return ["train", "--out", str(tmp_path / "file" / "m.pt")], "is a file, not a folder"
@@ -285,7 +288,7 @@ CASES = ["missing data root", "wrong data layout", "data root without the data s
          "argparse error", "unknown option", "device torch does not know", "cuda without a GPU for apply",
          "cuda without a GPU for train", "random draws 0", "apply batch size 0", "train checkpoint-every 0",
          "eps whose default step overflows", "data root too long", "output name too long",
-         "output path that cannot be encoded", "attack output under a file", "apply output under a file",
+         "output path that cannot be encoded", "attack output under a file", "apply output under a file", "apply output that exists",
          "train output under a file", "model for another input shape",
          "transfer model with another number of classes", "apply target for another number of classes",
          "uapx checkpoint missing its weights", "--set unknown key", "--set for a plugin not selected",

@@ -145,6 +145,11 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
     _opt(a, A, "random_draws", "random directions of the same norm drawn for the baseline", type=argtypes.whole(1))
     _opt(a, A, "trajectory_samples", "images whose PGD trajectories are recorded for trajectory diagnostics",
          type=argtypes.whole(1))
+    _opt(a, A, "eval_split", "held-out evaluation: also evaluate the UAPs on images of this split (not the "
+         "--split they are fitted on), e.g. --split train --eval-split test", choices=["train", "val", "test"],
+         shown="none (in-sample only)")
+    _opt(a, A, "eval_n_samples", "held-out images, a seeded class-stratified draw", type=argtypes.whole(1),
+         shown="as many as --n-samples")
     _opt(a, A, "eval_precision", "arithmetic of the UAP evaluation: auto = bfloat16 where the CPU/GPU has it and "
          "its predictions agree with float32 on >= 99.9%% of the checked images, else float32",
          choices=["auto", "float32", "bfloat16"])
@@ -183,6 +188,9 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
     _opt(ap, apply_uaps, "only", "comma-separated UAP names to apply", type=argtypes.names, shown="all")
     _opt(ap, apply_uaps, "out", "write the results as JSON to this file", type=argtypes.output_path,
          metavar="FILE", shown="print only")
+    _opt(ap, apply_uaps, "overwrite", "replace an existing --out file", action="store_true")
+    _opt(ap, apply_uaps, "skip_unreadable", "leave out image files that cannot be decoded, counted in the results "
+         "(without it such a file is an error naming it)", action="store_true")
 
     T = TrainConfig
     t = sub.add_parser("train", help="train a natural or adversarially robust model")

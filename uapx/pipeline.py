@@ -52,6 +52,8 @@ class AnalyzeConfig:
     steps: int = 20
     step_size: float | None = None  # default uapx.defaults.default_step_size
     n_samples: int | None = 1000
+    eval_split: str | None = None  # held-out evaluation: the UAPs also on images of this split (never the fit images)
+    eval_n_samples: int | None = None  # held-out images (a seeded stratified draw; default: as many as n_samples)
     batch_size: int = 250
     k: int = 5
     random_draws: int = 5
@@ -374,7 +376,8 @@ def attack_images(c: AnalyzeConfig, s: Setup, scratch: Path | None = None) -> tu
 def build_uaps(analysis: Analysis, methods: list[Component], c: AnalyzeConfig) -> None:
     """Stage 3: run every selected UAP method at the run's eps; the UAPs go to ``analysis.uaps``
     (model-based methods optimise on the analysis, a :class:`MethodData`)."""
-    for comp in methods:
+    for comp in tqdm(methods, desc="UAP methods", unit="method", leave=False,
+                     disable=not (methods and distributed.is_main())):
         method = _instantiate(comp.cls, c.plugin_settings.get(comp.name, {}), {"k": c.k})
         analysis.uaps += _run_plugin(comp.name, lambda: contract.method_uaps(
             comp.name, method(analysis.pset, analysis.eps, data=analysis)))
@@ -404,6 +407,32 @@ def evaluate_uaps(analysis: Analysis, preds: Predictions, c: AnalyzeConfig,
         "evaluations": {name: ev.to_dict() for name, ev in analysis.evaluations.items()},
         **({"transfer": transfer} if transfer else {}),
     }
+
+
+def evaluate_held_out(analysis: Analysis, c: AnalyzeConfig) -> dict | None:
+    """Stage 4b: every UAP on held-out images -- a seeded class-stratified draw of
+    ``c.eval_n_samples`` images of split ``c.eval_split``, which must differ from the split the
+    UAPs were fitted on (so no image is in both) -- beside random directions of the same norm;
+    ``report.json``'s ``uaps.held_out`` (None without ``eval_split``)."""
+    if c.eval_split is None:
+        return None
+    if c.eval_split == c.split:
+        raise UapxError(f"--eval-split {c.eval_split} is the split the UAPs are fitted on",
+                        "pass --split train --eval-split test (fit on training images, evaluate on test images)")
+    images = data.load(c.dataset, c.eval_split, c.data_root, skip_unreadable=c.skip_unreadable,
+                       image_size=c.image_size)
+    n = c.eval_n_samples or c.n_samples
+    images = images.subset(n if n is not None and n < len(images) else None, seed=c.seed + 1)
+    shard = images.take(distributed.shard(len(images)))
+    y_all = distributed.all_gather_rows(shard.y)
+    opts = dict(draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device)
+    evals, extra = evaluate_many(analysis.model, shard.images(), y_all, analysis.uaps, num_classes=analysis.num_classes,
+                                 precision=c.eval_precision, compile=c.compile, **opts)
+    from .stats import class_counts
+
+    return {"split": c.eval_split, "n_images": len(images), "class_counts": class_counts(images.y),
+            "random_baseline": extra["random_baseline"].get(f"{analysis.eps:g}"),
+            "evaluations": {name: ev.to_dict() for name, ev in evals.items()}}
 
 
 def run_diagnostics(analysis: Analysis, diagnostics: list[Component], c: AnalyzeConfig, report: Report,
@@ -498,6 +527,9 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None, model: n
         with timer("uap_methods"):
             build_uaps(analysis, p.methods, c)
             uaps = evaluate_uaps(analysis, preds, c, s.transfer)
+            held = evaluate_held_out(analysis, c) if data is None else None
+            if held:
+                uaps["held_out"] = held
         report = Report(f"uapx analysis: {c.model} on {c.dataset} ({c.split}), eps {c.eps:g}")
         diagnostics = run_diagnostics(analysis, p.diagnostics, c, report, timer)
         write_report(report, out, config, c, reg, s, analysis, preds, uaps, diagnostics, timer)
@@ -519,11 +551,17 @@ def _run_plugin(name: str, fn):
 def apply_uaps(path: str, *, model: str, dataset: str = "mnist", data_root: str | None = None, split: str = "test",
                n_samples: int | None = None, arch: str | None = None, batch_size: int = 500, draws: int = 5,
                seed: int = 0, device: str = "cpu", only: list[str] | None = None, out: str | None = None,
-               precision: str = "auto") -> dict:
-    """``uapx apply``: evaluate saved UAPs on any model and data set (JSON-ready results)."""
-    from . import atomic
+               precision: str = "auto", overwrite: bool = False, skip_unreadable: bool = False) -> dict:
+    """``uapx apply``: evaluate saved UAPs on any model and data set (JSON-ready results).
+
+    ``out`` (a JSON file) is claimed for the run and an existing one is replaced only with
+    ``overwrite``; ``skip_unreadable`` leaves out image files that cannot be decoded (counted)."""
     from .methods import load_uaps
 
+    if out and distributed.is_main():
+        if Path(out).exists() and not overwrite:
+            raise UapxError(f"output {str(out)!r} already exists", "pass --overwrite to replace it, or another --out")
+        atomic.claim(out)  # released by the CLI, or by the next claim of this process
     uaps = load_uaps(path)
     if only:
         known = {u.name for u in uaps}
@@ -532,7 +570,7 @@ def apply_uaps(path: str, *, model: str, dataset: str = "mnist", data_root: str 
             raise UapxError(f"no UAP named {missing[0]!r} in {path!r}",
                             f"choose from: {', '.join(sorted(known)[:20])}")
         uaps = [u for u in uaps if u.name in only]
-    images = data.load(dataset, split, data_root).subset(n_samples, seed=seed)
+    images = data.load(dataset, split, data_root, skip_unreadable=skip_unreadable).subset(n_samples, seed=seed)
     if uaps and tuple(uaps[0].vector.shape) != tuple(images.shape):
         raise UapxError(f"the UAPs have shape {tuple(uaps[0].vector.shape)} but {dataset} images are "
                         f"{tuple(images.shape)}", "apply them to a data set of the same image shape")
@@ -544,7 +582,8 @@ def apply_uaps(path: str, *, model: str, dataset: str = "mnist", data_root: str 
     evals, extra = evaluate_many(net, shard.images(), y_all, uaps, num_classes=len(images.classes), draws=draws,
                                  seed=seed, batch_size=batch_size, device=device, precision=precision)
     res = {"uaps": str(path), "model": model, "dataset": dataset, "split": split, "n_images": len(images),
-           **extra, "evaluations": {k: v.to_dict() for k, v in evals.items()}}
+           "unreadable_skipped": {"count": len(images.skipped), "files": images.skipped[:20]}, **extra, "evaluations": {k: v.to_dict() for k, v in evals.items()}}
     if out and distributed.is_main():
         atomic.write_json(out, res)
+        atomic.release(out)
     return res
