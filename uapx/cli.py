@@ -150,6 +150,11 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
          shown="none (in-sample only)")
     _opt(a, A, "eval_n_samples", "held-out images, a seeded class-stratified draw", type=argtypes.whole(1),
          shown="as many as --n-samples")
+    _opt(a, A, "eval_split", "held-out evaluation: also evaluate the UAPs on images of this split (not the "
+         "--split they are fitted on), e.g. --split train --eval-split test", choices=["train", "val", "test"],
+         shown="none (in-sample only)")
+    _opt(a, A, "eval_n_samples", "held-out images, a seeded class-stratified draw", type=argtypes.whole(1),
+         shown="as many as --n-samples")
     _opt(a, A, "eval_precision", "arithmetic of the UAP evaluation: auto = bfloat16 where the CPU/GPU has it and "
          "its predictions agree with float32 on >= 99.9%% of the checked images, else float32",
          choices=["auto", "float32", "bfloat16"])

@@ -54,6 +54,8 @@ class AnalyzeConfig:
     n_samples: int | None = 1000
     eval_split: str | None = None  # held-out evaluation: the UAPs also on images of this split (never the fit images)
     eval_n_samples: int | None = None  # held-out images (a seeded stratified draw; default: as many as n_samples)
+    eval_split: str | None = None  # held-out evaluation: the UAPs also on images of this split (never the fit images)
+    eval_n_samples: int | None = None  # held-out images (a seeded stratified draw; default: as many as n_samples)
     batch_size: int = 250
     k: int = 5
     random_draws: int = 5
@@ -435,6 +437,32 @@ def evaluate_held_out(analysis: Analysis, c: AnalyzeConfig) -> dict | None:
             "evaluations": {name: ev.to_dict() for name, ev in evals.items()}}
 
 
+def evaluate_held_out(analysis: Analysis, c: AnalyzeConfig) -> dict | None:
+    """Stage 4b: every UAP on held-out images -- a seeded class-stratified draw of
+    ``c.eval_n_samples`` images of split ``c.eval_split``, which must differ from the split the
+    UAPs were fitted on (so no image is in both) -- beside random directions of the same norm;
+    ``report.json``'s ``uaps.held_out`` (None without ``eval_split``)."""
+    if c.eval_split is None:
+        return None
+    if c.eval_split == c.split:
+        raise UapxError(f"--eval-split {c.eval_split} is the split the UAPs are fitted on",
+                        "pass --split train --eval-split test (fit on training images, evaluate on test images)")
+    images = data.load(c.dataset, c.eval_split, c.data_root, skip_unreadable=c.skip_unreadable,
+                       image_size=c.image_size)
+    n = c.eval_n_samples or c.n_samples
+    images = images.subset(n if n is not None and n < len(images) else None, seed=c.seed + 1)
+    shard = images.take(distributed.shard(len(images)))
+    y_all = distributed.all_gather_rows(shard.y)
+    opts = dict(draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device)
+    evals, extra = evaluate_many(analysis.model, shard.images(), y_all, analysis.uaps, num_classes=analysis.num_classes,
+                                 precision=c.eval_precision, compile=c.compile, **opts)
+    from .stats import class_counts
+
+    return {"split": c.eval_split, "n_images": len(images), "class_counts": class_counts(images.y),
+            "random_baseline": extra["random_baseline"].get(f"{analysis.eps:g}"),
+            "evaluations": {name: ev.to_dict() for name, ev in evals.items()}}
+
+
 def run_diagnostics(analysis: Analysis, diagnostics: list[Component], c: AnalyzeConfig, report: Report,
                     timer: Timer) -> dict:
     """Stage 5: run every selected diagnostic on the analysis; their figures by name (plots and
@@ -527,6 +555,9 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None, model: n
         with timer("uap_methods"):
             build_uaps(analysis, p.methods, c)
             uaps = evaluate_uaps(analysis, preds, c, s.transfer)
+            held = evaluate_held_out(analysis, c) if data is None else None
+            if held:
+                uaps["held_out"] = held
             held = evaluate_held_out(analysis, c) if data is None else None
             if held:
                 uaps["held_out"] = held

@@ -37,6 +37,13 @@ MNIST_SLOW_DECAY = 0.5  # sigma5 / sigma1 at least this: "several universal dire
 CIFAR_DROP = 10.0  # sigma1 / sigma2 at least this: "an order-of-magnitude drop"
 
 
+def robust_models(dataset: str) -> list[str]:
+    """Every robust model of ``dataset`` the study judges against its natural model: the study's own
+    (``STUDY``) and every adversarially trained zoo model of the data set (discovered from the zoo)."""
+    found = [f"zoo:{n}" for n in models.zoo.robust_names(dataset)]
+    return list(dict.fromkeys([STUDY[dataset][1], *found]))
+
+
 @dataclass
 class ReproduceConfig:
     """The study's settings; ``n_samples`` images per model (more on a GPU)."""
@@ -61,6 +68,7 @@ def _run_one(c: ReproduceConfig, dataset: str, model: str, eps: float, parts: Pa
     except UapxError:
         return None
     cfg = AnalyzeConfig(dataset=dataset, data_root=c.data_root, model=model, plugins=PLUGINS, eps=eps,
+                        split="train", eval_split="test", eval_n_samples=c.n_samples,  # held-out evaluation
                         steps=c.steps, n_samples=c.n_samples, batch_size=c.batch_size, device=c.device,
                         seed=c.seed, trajectory_samples=c.trajectory_samples, out=str(parts / name), overwrite=True)
     done = parts / name / "report.json"
@@ -81,8 +89,8 @@ def reproduce(config: ReproduceConfig, *, registry: Registry | None = None) -> P
     parts.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict | None] = {}
     for dataset in c.datasets:
-        natural, adversarial, eps = STUDY[dataset]
-        for model in (natural, adversarial):
+        natural, _, eps = STUDY[dataset]
+        for model in (natural, *robust_models(dataset)):
             runs[model] = _run_one(c, dataset, model, eps, parts, reg)
 
     report = Report("uapx study: universal perturbations of natural and adversarially trained models",
