@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import uapx
-from uapx import distributed
+from uapx import distributed, stats
+from uapx.stats import bootstrap_se, class_counts, wilson  # noqa: F401  (M.wilson)
 from uapx.plots import plt
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -91,24 +92,9 @@ def random_unit(shape: tuple[int, ...], generator: torch.Generator) -> torch.Ten
 
 
 def stratified_draw(y: torch.Tensor, n: int, *, seed: int) -> torch.Tensor:
-    """Sorted positions of a seeded random draw of ``min(n, len(y))`` rows of labels ``y`` ``(N,)``,
-    stratified by class: each class gets its proportional share (largest remainders), drawn at
-    random within the class."""
-    n = min(int(n), int(y.numel()))
-    g = torch.Generator().manual_seed(seed)
-    classes, counts = y.unique(return_counts=True)
-    share = counts.double() * n / y.numel()
-    take = share.floor().long()
-    rest = n - int(take.sum())
-    if rest > 0:
-        order = torch.argsort(share - take.double() + 1e-9 * torch.rand(len(classes), generator=g,
-                                                                       dtype=torch.float64), descending=True)
-        take[order[:rest]] += 1
-    picks = []
-    for c, k in zip(classes.tolist(), take.tolist()):
-        rows = (y == c).nonzero().flatten()
-        picks.append(rows[torch.randperm(len(rows), generator=g)[:k]])
-    return torch.cat(picks).sort().values if picks else torch.arange(0)
+    """Sorted positions of :func:`uapx.stats.stratified_draw` (a seeded class-stratified draw of
+    ``min(n, len(y))`` rows of labels ``y`` ``(N,)``)."""
+    return stats.stratified_draw(y, n, seed=seed).sort().values
 
 
 def half_split(y: torch.Tensor, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,33 +103,6 @@ def half_split(y: torch.Tensor, *, seed: int) -> tuple[torch.Tensor, torch.Tenso
     mask = torch.ones(y.numel(), dtype=torch.bool)
     mask[fit] = False
     return fit, mask.nonzero().flatten()
-
-
-def class_counts(y: torch.Tensor) -> dict[str, int]:
-    """``{class: count}`` of labels ``y``."""
-    c, k = y.unique(return_counts=True)
-    return {str(int(a)): int(b) for a, b in zip(c, k)}
-
-
-def bootstrap_se(values: torch.Tensor, *, seed: int, reps: int = 1000) -> float:
-    """Bootstrap standard error over images of the mean of ``values`` ``(N,)``."""
-    v = values.double().flatten()
-    if v.numel() < 2:
-        return float("nan")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, v.numel(), (reps, v.numel()), generator=g)
-    return float(v[idx].mean(1).std())
-
-
-def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval (95 % by default) of a binomial rate ``k / n``."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def summary(values: torch.Tensor, *, seed: int) -> dict:
