@@ -118,7 +118,7 @@ def _check_output_folder(out: Path, *, overwrite: bool) -> Path:
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
-    if isinstance(v, list) and all(not isinstance(e, (dict, list)) for e in v):
+    if isinstance(v, (list, tuple)) and all(not isinstance(e, (dict, list, tuple)) for e in v):  # JSON arrays
         return ", ".join(_fmt(e) for e in v)
     return html.escape(str(v))
 
@@ -130,7 +130,7 @@ def _rows(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
         for k, v in obj.items():
             out += _rows(v, f"{prefix}.{k}" if prefix else str(k))
         return out
-    if isinstance(obj, list) and any(isinstance(e, (dict, list)) for e in obj):
+    if isinstance(obj, (list, tuple)) and any(isinstance(e, (dict, list, tuple)) for e in obj):
         out = []
         for i, v in enumerate(obj):
             out += _rows(v, f"{prefix}[{i}]")
