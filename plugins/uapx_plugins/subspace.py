@@ -106,8 +106,9 @@ class SubspaceDiagnostic(Diagnostic):
 
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
         fr = [by_k[str(k)]["fooling_rate"] for k in ks]
-        lo = [fr[i] - by_k[str(k)]["wilson_95"][0] for i, k in enumerate(ks)]
-        hi = [by_k[str(k)]["wilson_95"][1] - fr[i] for i, k in enumerate(ks)]
+        # error-bar lengths; max(0, .): at a rate of 0 or 1 the interval's end equals it up to rounding
+        lo = [max(0.0, fr[i] - by_k[str(k)]["wilson_95"][0]) for i, k in enumerate(ks)]
+        hi = [max(0.0, by_k[str(k)]["wilson_95"][1] - fr[i]) for i, k in enumerate(ks)]
         ax.errorbar(ks, fr, yerr=[lo, hi], fmt="o-", capsize=3, label="random in span of top-k singular vectors")
         ax.axhline(control["fooling_rate"], color="gray", ls="--", label="unconstrained random (same norm)")
         ax.axhspan(*control["wilson_95"], color="gray", alpha=0.2)
