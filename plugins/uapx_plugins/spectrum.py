@@ -13,7 +13,7 @@ import torch
 import uapx
 from uapx.diagnostics import Diagnostic, DiagnosticResult
 from uapx.linalg import exact_svd_fits, randomized_svd, top_svd_gram
-from uapx.plots import plt
+from uapx.plots import class_name, plt
 
 
 def spectrum_figures(S: torch.Tensor, total_energy: float, *, fraction: float) -> dict:
@@ -237,7 +237,7 @@ class SpectrumDiagnostic(Diagnostic):
         ax.semilogy(range(1, k + 1), glob["singular_values"], "o-", color="k", label="all images", zorder=3)
         for c, f in per_class.items():
             ax.semilogy(range(1, len(f["singular_values"]) + 1), f["singular_values"], alpha=0.4, lw=1,
-                        label=f"class {c}")
+                        label=class_name(analysis, int(c)))
         ax.set_xlabel("index")
         ax.set_ylabel("singular value")
         ax.legend(fontsize=6, ncol=2)
