@@ -204,7 +204,10 @@ class Claim:
         self._fd = None
 
     def __del__(self) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:  # at interpreter shutdown the module's globals may be gone; the kernel frees the lock
+            pass
 
     def __enter__(self) -> "Claim":
         return self

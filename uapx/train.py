@@ -134,12 +134,19 @@ def evaluate(model: nn.Module, images: data.ImageSet, *, norm: str | None = None
 
 
 def train(config: TrainConfig) -> dict:
-    """Train (or resume) the model described by ``config``; returns its model card."""
+    """Train (or resume) the model described by ``config``; returns its model card.
+
+    ``config.out`` is claimed for the run (:func:`uapx.atomic.claim`): a second run on it is refused."""
+    out = Path(config.resolved().out)
+    with atomic.claim(out):
+        atomic.remove_stale(out.with_name(out.name + ".ckpt"))  # what killed runs left
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> dict:
     c = config.resolved()
     out = Path(c.out)
     ckpt_path = out.with_name(out.name + ".ckpt")
-    claim = atomic.claim(out)  # a second run on the same --out is refused; released at the end
-    atomic.remove_stale(ckpt_path)
     train_set = data.load(c.dataset, "train", c.data_root)
     test_set = data.load(c.dataset, "test", c.data_root)
     torch.manual_seed(c.seed)
@@ -258,7 +265,6 @@ def train(config: TrainConfig) -> dict:
                                     "steps": EARLY_STOP_STEPS, "stopped_at_epoch": stopped_at}
     save_model(out, model, c.arch, card=card, half=c.half)
     atomic.write_json(out.with_suffix(".json"), card)
-    claim.release()
     return card
 
 
