@@ -163,3 +163,16 @@ def test_uaps_export_as_npy_and_png_beside_uaps_pt(report):
         assert np.linalg.norm(arr) == pytest.approx(u.eps, rel=1e-4)
         png = np.asarray(Image.open(stem.with_suffix(".png")))
         assert png.shape[:2] == arr.shape[1:]
+
+
+def test_headline_verdict_follows_the_wilson_criterion(report, tmp_path):
+    dom = html.unescape(chromium(tmp_path, "--dump-dom", (report / "index.html").as_uri()).stdout)
+    data = json.loads((report / "report.json").read_text())
+    best = max((e for e in data["uaps"]["evaluations"].values() if e["source_class"] is None),
+               key=lambda e: e["fooling_rate"])
+    low = best["fooling_rate_wilson95"][0]
+    high_random = data["uaps"]["random_baseline"]["fooling_rate"]["wilson95"][1]
+    verdict = re.search(r"<td>verdict</td><td><b>(.*?)</b>", dom).group(1)
+    expected = ("fools more images than random directions" if low > high_random else
+                "not distinguishable from random directions")
+    assert expected in verdict and best["name"] in verdict

@@ -267,6 +267,25 @@ def _method_sections(self: "Report") -> list[str]:
     return out
 
 
+def _headline_verdict(uaps: dict) -> list[tuple[str, str]]:
+    """The headline's verdict, by a criterion fixed here: the best global UAP beats random directions
+    of the same norm when the lower end of its Wilson 95% interval lies above the upper end of the
+    random directions' (pooled over draws)."""
+    glob = [e for e in uaps.get("evaluations", {}).values() if e.get("source_class") is None]
+    rand = (uaps.get("random_baseline") or {}).get("fooling_rate", {}).get("wilson95")
+    if not glob or not rand:
+        return []
+    best = max(glob, key=lambda e: e["fooling_rate"])
+    ci = best.get("fooling_rate_wilson95")
+    if not ci:
+        return []
+    beats = ci[0] > rand[1]
+    return [("verdict", ("the best UAP fools more images than random directions" if beats else
+                         "the best UAP is not distinguishable from random directions")
+             + f" ({best['name']}: 95% interval {_pct(ci[0])} to {_pct(ci[1])}; random: {_pct(rand[0])} to "
+               f"{_pct(rand[1])})")]
+
+
 def _attack_keys(att: dict) -> list[tuple[str, str]]:
     keys = []
     if "clean_accuracy" in att:
@@ -306,7 +325,8 @@ def render_html(self: Report) -> str:
         if key in self.data:
             body = self.data[key]
             if key == "uaps" and isinstance(body, dict) and "evaluations" in body:
-                add(key, key, {k: v for k, v in body.items() if k != "evaluations"}, open_=False)
+                add(key, key, {k: v for k, v in body.items() if k != "evaluations"}, open_=False,
+                    key_numbers=_headline_verdict(body))
                 sections.extend(_method_sections(self))
                 done.update(f"uaps/{m}" for m in {p.section[5:] for p in self.plots if p.section.startswith("uaps/")})
             else:
