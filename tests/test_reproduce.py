@@ -6,52 +6,111 @@ import json
 import pytest
 
 from uapx.cli import main
-from uapx.reproduce import STUDY, judge
+import torch
+
+from uapx.reproduce import STUDY, findings_table, judge
 
 
-def fake_run(sv, energy, align, traj):
-    return {"diagnostics": {
-        "spectrum": {"global": {"singular_values": sv}},
-        "interpretability": {"data_subspace_energy": {"average": energy, "svd:v1": energy,
-                                                      "average:class-0": 0.0},
-                             "class_alignment": {"average:class-0": -align, "average:class-1": align},
-                             "random_subspace_energy": {"mean": 0.06}},
-        "trajectory": {r: {"mean_over_trajectory": v} for r, v in traj.items()}}}
+def _report(deltas, y, x, grads, *, seed):
+    """A run's report.json diagnostics made by the real spectrum, interpretability and trajectory
+    diagnostics from perturbations ``deltas`` ``(N, d)``, labels, images ``x`` and PGD gradients."""
+    from types import SimpleNamespace
+
+    from uapx.attacks import Trajectory
+    from uapx.methods import UAP
+    from uapx.perturbations import PerturbationSet
+    from uapx_plugins.interpretability import InterpretabilityDiagnostic
+    from uapx_plugins.spectrum import SpectrumDiagnostic
+    from uapx_plugins.trajectory import TrajectoryDiagnostic
+
+    n, d = deltas.shape
+    pset = PerturbationSet(deltas.float(), y, y, y, shape=(1, 1, d), eps=1.0)
+    uaps = []
+    for c in range(10):
+        v = deltas[y == c].mean(0)
+        uaps.append(UAP(f"average:class-{c}", (v / v.norm()).reshape(1, 1, d).float(), "average", 1.0, source_class=c))
+    steps, m = grads.shape[:2]
+    traj = Trajectory(torch.arange(m), grads.float(), torch.zeros_like(grads).float(), torch.zeros(steps, m))
+    a = SimpleNamespace(pset=pset, x=x.reshape(n, 1, 1, d).float(), y=y, n_images=n, num_classes=10, uaps=uaps,
+                        evaluations={}, seed=seed, model_id="noise", eps=1.0, device="cpu",
+                        trajectories=lambda: traj)
+    diags = {"spectrum": SpectrumDiagnostic(), "interpretability": InterpretabilityDiagnostic(components=10),
+             "trajectory": TrajectoryDiagnostic(restarts=0)}
+    return {"diagnostics": {k: diag.run(a).figures for k, diag in diags.items()}}
 
 
-def test_verdicts_follow_the_criteria():
-    mn, ma, cn, ca = (m for ds in STUDY for m in STUDY[ds][:2])
-    runs = {
-        mn: fake_run([5, 4.9, 4.5, 4.0, 3.9], 0.2, 0.1, {"universal": 0.1, "own_final": 0.9, "own_mean": 0.9}),
-        ma: fake_run([5, 4.0, 3.0, 2.0, 1.0], 0.5, 0.4, {"universal": 0.3, "own_final": 0.95, "own_mean": 0.8}),
-        cn: fake_run([50, 4, 3, 2, 1], 0.1, 0.1, {"universal": 0.2, "own_final": 0.8, "own_mean": 0.9}),
-        ca: fake_run([50, 10, 3, 2, 1], 0.1, 0.1, {"universal": 0.4, "own_final": 0.9, "own_mean": 0.7}),
-    }
-    f, lines = judge(runs)
-    assert f["1_interpretability"]["verdict"] == "supported"
-    assert f["2_mnist_spectrum"]["verdict"] == "partly supported"  # 3.9/5 passes, 1/5 fails
-    assert f["3_cifar_spectrum"]["verdict"] == "partly supported"  # 50/4 passes, 50/10 = 5 fails
-    r = f["4_trajectory"]["readings"]
-    assert r["universal"]["verdict"] == "supported" and r["own_final"]["verdict"] == "supported"
-    assert r["own_mean"]["verdict"] == "not supported"
-    assert f["4_trajectory"]["verdict"].startswith("mixed")
+def _noise_run(seed, *, n=400, d=256, steps=6, m=40):
+    """The random-direction control: a 'model' whose PGD perturbations and gradients are random noise
+    of norm eps (images with class structure, so the interpretability figures have a reference)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(10).repeat(n // 10)
+    x = torch.randn(n, d, generator=g) * 0.2 + torch.randn(10, d, generator=torch.Generator().manual_seed(7))[y]
+    deltas = torch.randn(n, d, generator=g)
+    deltas = deltas / deltas.norm(dim=1, keepdim=True)
+    return _report(deltas, y, x, torch.randn(steps, m, d, generator=g), seed=seed)
+
+
+def _structured_run(seed, *, n=400, d=256, steps=6, m=40):
+    """A 'robust model' with the findings built in: perturbations along a shared direction plus
+    their class-mean difference (strokes), gradients that keep their direction over the steps."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(10).repeat(n // 10)
+    centres = torch.randn(10, d, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(n, d, generator=g) * 0.2 + centres[y]
+    diffs = centres - centres.mean(0)
+    u = torch.randn(d, generator=torch.Generator().manual_seed(8))
+    deltas = 3 * u / u.norm() * torch.randn(n, 1, generator=g) - diffs[y] / diffs[y].norm(dim=1, keepdim=True) \
+        + 0.05 * torch.randn(n, d, generator=g)
+    base = torch.randn(1, m, d, generator=g)
+    grads = base + 0.1 * torch.randn(steps, m, d, generator=g)
+    return _report(deltas, y, x, grads, seed=seed)
+
+
+def _study(natural, robust):
+    mn, ma = STUDY["mnist"][:2]
+    cn, ca = STUDY["cifar10"][:2]
+    return {mn: natural(1), ma: robust(2), cn: natural(3), ca: robust(4)}
+
+
+def test_the_random_direction_control_supports_nothing():
+    f, lines = judge(_study(_noise_run, _noise_run))
+    for key in ("1_interpretability", "2_mnist_spectrum", "4_trajectory"):
+        assert f[key]["verdict"] == "not supported", (key, f[key]["per_model"])
+    assert f["3_cifar_spectrum"]["verdict"] == "not supported"
     assert len(lines) == 4 and all(line.startswith("Finding ") for line in lines)
-    runs[ma] = fake_run([5, 4, 3, 2, 1], 0.1, 0.4, {"universal": 0, "own_final": 0, "own_mean": 0})
-    assert judge(runs)[0]["1_interpretability"]["verdict"] == "not supported"  # energy lower
-    f = judge({mn: runs[mn], ma: None, cn: None, ca: None})[0]
-    assert f["1_interpretability"]["verdict"] == "not measured" and ma in f["1_interpretability"]["why"]
-    assert f["2_mnist_spectrum"]["verdict"].startswith("supported (measured on zoo:mnist-natural only")
-    assert f["4_trajectory"]["verdict"] == "not measured"
+    for item in f.values():
+        assert item["tests"] and item["could_fail_because"]
+
+
+def test_built_in_findings_are_found_and_a_missing_model_is_not_measured():
+    f, _ = judge(_study(_noise_run, _structured_run))
+    ma, ca = STUDY["mnist"][1], STUDY["cifar10"][1]
+    assert f["1_interpretability"]["per_model"][ma]["verdict"] == "supported"
+    align = f["1_interpretability"]["per_model"][ma]["signed_alignment"]["robust"]["mean"]
+    assert align < -0.3  # the sign is kept: these UAPs point against their class-mean differences
+    assert f["3_cifar_spectrum"]["per_model"][ca]["verdict"] == "supported"  # one dominant direction
+    assert f["2_mnist_spectrum"]["per_model"][ma]["verdict"] == "not supported"  # ... is not slow decay
+    assert f["4_trajectory"]["per_model"][ma]["verdict"] == "supported"
+    runs = _study(_noise_run, _structured_run)
+    runs[ma] = None
+    f, _ = judge(runs)
+    assert f["1_interpretability"]["per_model"][ma]["verdict"] == "not measured"
+    assert "not measured: " + ma in f["1_interpretability"]["verdict"]
+    table = findings_table(f)
+    assert table[0][0] == "finding" and ma in table[0] and len(table) == 5
 
 
 @pytest.mark.slow
-def test_reproduce_end_to_end_on_mnist(tmp_path):
-    out = tmp_path / "study"
-    assert main(["reproduce", "--datasets", "mnist", "--n-samples", "60", "--steps", "3",
+def test_reproduce_end_to_end_on_mnist(tmp_path, data_root):
+    out = tmp_path / "study"  # fitted on the training split, judged on as many held-out test images
+    assert main(["reproduce", "--data-root", str(data_root), "--datasets", "mnist", "--n-samples", "60", "--steps", "3",
                  "--trajectory-samples", "10", "--batch-size", "30", "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert list(rep["findings"]) == ["1_interpretability", "2_mnist_spectrum", "3_cifar_spectrum", "4_trajectory"]
     assert rep["runs"]["zoo:mnist-natural"]["n_images"] == 60
+    held = rep["runs"]["zoo:mnist-natural"]["held_out"]
+    assert held["split"] == "test" and held["n_images"] == 60 and held["wilson95"][0] <= held["fooling_rate"]
+    assert rep["findings_table"][0][0] == "finding"
     assert (out / "mnist-natural" / "index.html").is_file()
     assert not (tmp_path / "study.parts").exists()
     page = (out / "index.html").read_text()

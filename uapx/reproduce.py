@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, models
+from . import atomic, models, stats
 from .errors import UapxError
 from .pipeline import AnalyzeConfig, analyze
 from .plots import plt
@@ -33,8 +33,8 @@ PLUGINS = ["average", "svd", "spectrum", "trajectory", "interpretability", "land
            "local-linearity", "gradalign", "cure", "hessian", "subspace"]
 LANDSCAPE_MEASURES = ["local-linearity", "gradalign", "cure", "hessian"]  # per-image means, with control
 # The criteria, fixed in advance.
-MNIST_SLOW_DECAY = 0.5  # sigma5 / sigma1 at least this: "several universal directions" (talk: 1.8/2.7 = 0.67)
-CIFAR_DROP = 10.0  # sigma1 / sigma2 at least this: "an order-of-magnitude drop"
+MNIST_SLOW_DECAY = 0.5  # eigenvalue ratio lambda5 / lambda1 at least this: "several directions" (talk: 1.8/2.7 = 0.67)
+CIFAR_DROP = 10.0 ** 0.5  # sigma1 / sigma2 at least this: an order-of-magnitude drop in eigenvalues (lambda1/lambda2 >= 10)
 
 
 def robust_models(dataset: str) -> list[str]:
@@ -97,7 +97,10 @@ def reproduce(config: ReproduceConfig, *, registry: Registry | None = None) -> P
                     order=["findings", "uap-images", "spectra", "trajectories", "landscape", "runs"])
     findings, summary_lines = judge(runs)
     report.data["findings"] = findings
-    report.summaries["findings"] = "\n".join(summary_lines)
+    report.data["findings_table"] = table = findings_table(findings)
+    report.summaries["findings"] = "\n".join(summary_lines + ["Finding x model: " + " | ".join(
+        " ".join(row) if i == 0 else f"{row[0]}: " + ", ".join(f"{m} {v}" for m, v in zip(table[0][1:], row[1:]))
+        for i, row in enumerate(table))])
     report.data["runs"] = {m: (_run_digest(r) if r else {"status": "not measured: model not installed",
                                                           "fix": "train it with 'uapx train' (see README)"})
                            for m, r in runs.items()}
@@ -135,11 +138,29 @@ def _run_digest(rep: dict) -> dict:
         "adversarial_accuracy": rep["attack"]["adversarial_accuracy"],
         "top_singular_values": sv[:5],
         "sigma1_over_sigma2": _get(rep, "diagnostics", "spectrum", "global", "sigma1_over_sigma2"),
-        "best_uap_fooling_rate": max((e["fooling_rate"] for n, e in rep["uaps"]["evaluations"].items()
-                                      if ":class-" not in n), default=None),
-        "random_fooling_rate": rep["uaps"]["random_baseline"]["fooling_rate"]["mean"],
+        "best_uap_fooling_rate_in_sample": max((e["fooling_rate"] for n, e in rep["uaps"]["evaluations"].items()
+                                                if ":class-" not in n), default=None),
+        "held_out": _held_out(rep),
+        "random_fooling_rate_in_sample": rep["uaps"]["random_baseline"]["fooling_rate"]["mean"],
         "landscape_measures": _landscape_measures(rep),
     }
+
+
+def _held_out(rep: dict) -> dict | None:
+    """The best global UAP on the held-out images (the figure), with its Wilson 95 % interval, its
+    in-sample rate beside it, and the held-out random-direction control."""
+    h = _get(rep, "uaps", "held_out")
+    if not h:
+        return None
+    glob = {n: e for n, e in h["evaluations"].items() if ":class-" not in n}
+    if not glob:
+        return None
+    name = max(glob, key=lambda n: glob[n]["fooling_rate"])
+    return {"best_uap": name, "fooling_rate": glob[name]["fooling_rate"],
+            "wilson95": glob[name]["fooling_rate_wilson95"], "n_images": h["n_images"], "split": h["split"],
+            "in_sample_fooling_rate": rep["uaps"]["evaluations"][name]["fooling_rate"],
+            "random_fooling_rate": h["random_baseline"]["fooling_rate"]["mean"],
+            "random_wilson95": h["random_baseline"]["fooling_rate"].get("wilson95")}
 
 
 def _landscape_measures(rep: dict) -> dict:
@@ -159,108 +180,221 @@ def _landscape_measures(rep: dict) -> dict:
     return out
 
 
-def _energy(rep: dict) -> float:
+def _energy_stats(rep: dict, seed: int = 0) -> dict | None:
+    """Mean +- bootstrap s.e. (over classes) of the data-subspace energy of the class-specific
+    average UAPs, and the random-direction control."""
     e = _get(rep, "diagnostics", "interpretability", "data_subspace_energy", default={})
-    glob = [v for k, v in e.items() if ":class-" not in k]
-    return sum(glob) / len(glob) if glob else float("nan")
+    vals = [v for k, v in e.items() if k.startswith("average:class-")]
+    ctl = _get(rep, "diagnostics", "interpretability", "random_subspace_energy_stats")
+    if len(vals) < 2 or not ctl:
+        return None
+    return {**stats.mean_se(torch.tensor(vals), seed=seed), "control": ctl}
 
 
-def _alignment(rep: dict) -> float:
+def _alignment_stats(rep: dict, seed: int = 0) -> dict | None:
+    """Signed cosines of the class-specific average UAPs with their class-mean differences: mean +-
+    bootstrap s.e. over classes, and the random-direction control (signed; a sign is meaningful)."""
     a = _get(rep, "diagnostics", "interpretability", "class_alignment", default={})
-    return sum(abs(v) for v in a.values()) / len(a) if a else float("nan")
+    vals = [v for k, v in a.items() if k.startswith("average:class-")]
+    ctl = _get(rep, "diagnostics", "interpretability", "class_alignment_control")
+    if len(vals) < 2 or not ctl:
+        return None
+    return {**stats.mean_se(torch.tensor(vals), seed=seed), "control": ctl}
+
+
+def _greater(a: dict, b: dict) -> dict:
+    """``a.mean - b.mean`` with its 95 % interval; ``holds`` when the interval lies above 0."""
+    d = stats.diff_interval(a["mean"], a["se"], b["mean"], b["se"])
+    return {**d, "holds": d["low"] > 0}
+
+
+def _differs(a: dict, ctl: dict) -> dict:
+    """The figure against its control: the 95 % interval of the difference excludes 0."""
+    return stats.diff_interval(a["mean"], a["se"], ctl["mean"], ctl.get("se", 0.0) or 0.0)
+
+
+def _spec(rep: dict, key: str) -> tuple[dict, dict] | None:
+    """``(figure, control)`` of spectrum's talk figure ``key``, each ``{"mean", "se", "low", "high"}``."""
+    t = _get(rep, "diagnostics", "spectrum", "global", "talk")
+    if not t or "bootstrap95" not in t:
+        return None
+    b, cb = t["bootstrap95"][key], t["control"]["bootstrap95"][key]
+    return ({"mean": t["figures"][key], **b}, {"mean": t["control"][key], **cb})
+
+
+CRITERIA = {
+    "1_interpretability": {
+        "claim": "Adversarial training induces more human-interpretable UAPs (MNIST: strokes vs noise); "
+                 "judged on MNIST and CIFAR-10.",
+        "criterion": "for the robust model against the natural one: the class-specific UAPs keep more energy in the "
+                     "clean images' top principal components (95 % interval of the difference above 0) AND their "
+                     "signed alignment with the class-mean differences is larger in magnitude (|mean|; interval of "
+                     "the difference of the magnitudes above 0); and the robust model's energy and signed alignment "
+                     "each differ from random directions (interval of the difference excludes 0)",
+        "tests": "whether robust UAPs carry more of the data's structure than the natural model's and than noise",
+        "could_fail_because": "UAPs of both models equally structured, or no more structured than random directions "
+                              "(the control: random directions score energy K/d and alignment 0)",
+    },
+    "2_mnist_spectrum": {
+        "claim": "MNIST: the top eigenvalues decay slowly (talk: 2.7, 2.5, 2.1, 2.0, 1.8): several directions.",
+        "criterion": "for each MNIST model: the eigenvalue ratio lambda5/lambda1 = (sigma5/sigma1)^2 >= "
+                     f"{MNIST_SLOW_DECAY} (talk 1.8/2.7 = 0.67) AND the spectrum is not that of random rows of the "
+                     "same norms: the energy share sigma1^2/||D||_F^2 and sigma1/sigma10 each exceed the control's "
+                     "(95 % bootstrap intervals of the differences above 0)",
+        "tests": "whether a few universal directions stand out of the perturbations, none of them alone",
+        "could_fail_because": "random rows of equal norm pass the slow-decay test (sigma5/sigma1 >= 0.94) but not the "
+                              "control comparison; a single dominant direction fails the slow decay",
+    },
+    "3_cifar_spectrum": {
+        "claim": "CIFAR-10: one large singular value (talk: 54.4), then an order-of-magnitude drop.",
+        "criterion": "for each CIFAR-10 model: an order-of-magnitude drop in eigenvalues, lambda1/lambda2 >= 10, "
+                     f"i.e. sigma1/sigma2 >= sqrt(10) = {CIFAR_DROP:.3g}, with the 95 % bootstrap interval's lower "
+                     "end above it, AND the energy share sigma1^2/||D||_F^2 above the random-rows control's",
+        "tests": "whether one direction dominates the perturbations",
+        "could_fail_because": "no dominant direction (the control's sigma1/sigma2 is about 1)",
+    },
+    "4_trajectory": {
+        "claim": "Adversarial training smooths the loss landscape: along a PGD trajectory the gradient has a high "
+                 "cosine similarity to the average gradient at the final step.",
+        "criterion": "for each robust model against its natural model, per reading of 'average gradient at the "
+                     "final step' (universal: mean of the final-step unit gradients over images; own_final, "
+                     "own_mean: the image's own, read over the steps before the last): the robust model's mean "
+                     "cosine is higher (95 % interval of the difference above 0) AND differs from the cosines of "
+                     "random unit vectors in d dimensions (interval excludes 0)",
+        "tests": "whether robust models' gradients point more consistently along the trajectory",
+        "could_fail_because": "equal cosines for both models, or cosines no different from random vectors (about 0, "
+                              "sd 1/sqrt(d))",
+    },
+}
+
+
+def _verdict(oks: list[bool]) -> str:
+    return "supported" if oks and all(oks) else "not supported" if not any(oks) else "partly supported"
 
 
 def judge(runs: dict[str, dict | None]) -> tuple[dict, list[str]]:
-    """Each finding: the claim, the criterion, what was measured, and the verdict."""
+    """Each finding on every robust model of a data set against its natural model (and, for the
+    spectra, on every model): the claim, the criterion, what it tests and why it could fail, the
+    measured figures with intervals beside their controls, a verdict per model and overall."""
+    pairs = {ds: (STUDY[ds][0], [m for m in runs if m != STUDY[ds][0] and _dataset_of(m) == ds])
+             for ds in STUDY}
     f: dict[str, dict] = {}
-    nat_m, adv_m = runs.get(STUDY["mnist"][0]), runs.get(STUDY["mnist"][1])
-    nat_c, adv_c = runs.get(STUDY["cifar10"][0]), runs.get(STUDY["cifar10"][1])
 
-    def missing(*names):
-        return {"verdict": "not measured",
-                "why": f"zoo model(s) not installed: {', '.join(n for n, r in names if r is None)}"}
+    per: dict[str, dict] = {}
+    for ds, (nat, robs) in pairs.items():
+        for rob in robs:
+            n, r = runs.get(nat), runs.get(rob)
+            if not (n and r):
+                per[rob] = {"verdict": "not measured", "why": f"not installed: {nat if not n else rob}"}
+                continue
+            en, er = _energy_stats(n), _energy_stats(r)
+            an, ar = _alignment_stats(n), _alignment_stats(r)
+            if None in (en, er, an, ar):
+                per[rob] = {"verdict": "not measured", "why": "interpretability figures missing"}
+                continue
+            mag = lambda a: {"mean": abs(a["mean"]), "se": a["se"]}  # noqa: E731
+            checks = {"energy_higher_than_natural": _greater(er, en),
+                      "energy_differs_from_random": _differs(er, er["control"]),
+                      "alignment_magnitude_higher_than_natural": _greater(mag(ar), mag(an)),
+                      "alignment_differs_from_random": _differs(ar, ar["control"])}
+            ok = (checks["energy_higher_than_natural"]["holds"] and checks["energy_differs_from_random"]["excludes_zero"]
+                  and checks["alignment_magnitude_higher_than_natural"]["holds"]
+                  and checks["alignment_differs_from_random"]["excludes_zero"])
+            per[rob] = {"against": nat, "energy": {"natural": en, "robust": er},
+                        "signed_alignment": {"natural": an, "robust": ar}, "checks": checks,
+                        "verdict": "supported" if ok else "not supported"}
+    f["1_interpretability"] = _finding("1_interpretability", per)
 
-    claim1 = "Adversarial training induces more human-interpretable UAPs (MNIST: strokes vs noise)."
-    crit1 = ("robust MNIST UAPs keep more energy in the images' top principal components AND align more "
-             "(|cosine|) with their class-mean differences than the natural model's")
-    if nat_m and adv_m:
-        m = {"energy_natural": _energy(nat_m), "energy_adversarial": _energy(adv_m),
-             "class_alignment_natural": _alignment(nat_m), "class_alignment_adversarial": _alignment(adv_m),
-             "energy_random": _get(nat_m, "diagnostics", "interpretability", "random_subspace_energy", "mean")}
-        ok = m["energy_adversarial"] > m["energy_natural"] and m["class_alignment_adversarial"] > m[
-            "class_alignment_natural"]
-        f["1_interpretability"] = {"claim": claim1, "criterion": crit1, "measured": m,
-                                   "verdict": "supported" if ok else "not supported"}
-    else:
-        f["1_interpretability"] = {"claim": claim1, "criterion": crit1,
-                                   **missing((STUDY["mnist"][0], nat_m), (STUDY["mnist"][1], adv_m))}
-
-    claim2 = "MNIST: the top singular values decay slowly (talk: 2.7, 2.5, 2.1, 2.0, 1.8): several directions."
-    crit2 = f"sigma5 / sigma1 >= {MNIST_SLOW_DECAY} for each MNIST model"
-    f["2_mnist_spectrum"] = _spectrum_finding(claim2, crit2, [(STUDY["mnist"][0], nat_m), (STUDY["mnist"][1], adv_m)],
-                                              lambda sv: sv[4] / sv[0] >= MNIST_SLOW_DECAY, "sigma5_over_sigma1",
-                                              lambda sv: sv[4] / sv[0])
-    claim3 = "CIFAR-10: one large singular value (talk: 54.4), then an order-of-magnitude drop."
-    crit3 = f"sigma1 / sigma2 >= {CIFAR_DROP:g} for each CIFAR-10 model"
-    f["3_cifar_spectrum"] = _spectrum_finding(claim3, crit3, [(STUDY["cifar10"][0], nat_c),
-                                                              (STUDY["cifar10"][1], adv_c)],
-                                              lambda sv: sv[0] / sv[1] >= CIFAR_DROP, "sigma1_over_sigma2",
-                                              lambda sv: sv[0] / sv[1])
-
-    claim4 = ("Adversarial training smooths the loss landscape: along a PGD trajectory the gradient has a high "
-              "cosine similarity to the average gradient at the final step.")
-    crit4 = ("for each data set with both models, the adversarial model's mean cosine similarity over the "
-             "trajectory is higher than the natural model's; judged separately for the three readings of "
-             "'average gradient at the final step'")
-    readings = {}
-    for ref in ("universal", "own_final", "own_mean"):
+    for key, ds in (("2_mnist_spectrum", "mnist"), ("3_cifar_spectrum", "cifar10")):
+        nat, robs = pairs[ds]
         per = {}
-        for ds in STUDY:
-            nat, adv = runs.get(STUDY[ds][0]), runs.get(STUDY[ds][1])
-            if nat and adv:
-                a = _get(adv, "diagnostics", "trajectory", ref, "mean_over_trajectory")
-                n = _get(nat, "diagnostics", "trajectory", ref, "mean_over_trajectory")
-                per[ds] = {"natural": n, "adversarial": a, "higher_for_adversarial": a > n}
-        readings[ref] = {"per_dataset": per, "verdict": ("not measured" if not per else "supported" if all(
-            v["higher_for_adversarial"] for v in per.values()) else "not supported")}
-    if not any(r["per_dataset"] for r in readings.values()):
-        pairs = [(m, runs.get(m)) for ds in STUDY for m in STUDY[ds][:2]]
-        readings = {"why": "no data set has both its natural and adversarial zoo model installed (missing: "
-                           + ", ".join(m for m, r in pairs if r is None) + ")", **readings}
-    verdicts = {r["verdict"] for k, r in readings.items() if k != "why"}
-    f["4_trajectory"] = {"claim": claim4, "criterion": crit4, "readings": readings,
-                         "verdict": ("not measured" if verdicts == {"not measured"} else
-                                     "supported" if verdicts == {"supported"} else
-                                     "not supported" if verdicts == {"not supported"} else
-                                     "mixed: " + ", ".join(f"{k} {v['verdict']}" for k, v in readings.items()
-                                                           if k != "why"))}
+        for m in (nat, *robs):
+            rep = runs.get(m)
+            share, s110, s12, s51 = (_spec(rep, k) if rep else None for k in (
+                "energy_share", "sigma1_over_sigma10", "sigma1_over_sigma2", "sigma5_over_sigma1"))
+            if None in (share, s110, s12, s51):
+                per[m] = {"verdict": "not measured", "why": "not installed" if rep is None else "spectrum missing"}
+                continue
+            checks = {"energy_share_above_control": _greater(*share), "sigma1_over_sigma10_above_control": _greater(*s110)}
+            structured = all(c["holds"] for c in checks.values())
+            if key.startswith("2"):
+                ev = s51[0]["mean"] ** 2
+                checks["eigenvalue5_over_eigenvalue1"] = {"value": ev, "interval95": [s51[0]["low"] ** 2, s51[0]["high"] ** 2],
+                                                          "control": s51[1]["mean"] ** 2, "holds": ev >= MNIST_SLOW_DECAY}
+                ok = structured and ev >= MNIST_SLOW_DECAY
+            else:
+                checks["sigma1_over_sigma2"] = {"value": s12[0]["mean"], "interval95": [s12[0]["low"], s12[0]["high"]],
+                                                "control": s12[1]["mean"], "holds": s12[0]["low"] >= CIFAR_DROP}
+                ok = checks["energy_share_above_control"]["holds"] and s12[0]["low"] >= CIFAR_DROP
+            per[m] = {"figures": {"energy_share": share[0], "sigma1_over_sigma2": s12[0], "sigma1_over_sigma10": s110[0],
+                                  "sigma5_over_sigma1": s51[0]},
+                      "control": {"energy_share": share[1], "sigma1_over_sigma2": s12[1], "sigma1_over_sigma10": s110[1]},
+                      "eigenvalues_second_moment": _get(rep, "diagnostics", "spectrum", "global", "talk",
+                                                        "eigenvalues_second_moment", default=[])[:5],
+                      "checks": checks, "verdict": "supported" if ok else "not supported"}
+        f[key] = _finding(key, per)
+
+    per = {}
+    for ds, (nat, robs) in pairs.items():
+        for rob in robs:
+            n, r = runs.get(nat), runs.get(rob)
+            if not (n and r):
+                per[rob] = {"verdict": "not measured", "why": f"not installed: {nat if not n else rob}"}
+                continue
+            readings = {}
+            for ref in ("universal", "own_final", "own_mean"):
+                bn = _get(n, "diagnostics", "trajectory", ref, "before_last")
+                br = _get(r, "diagnostics", "trajectory", ref, "before_last")
+                cr = _get(r, "diagnostics", "trajectory", ref, "control")
+                if not (bn and br and cr):
+                    continue
+                higher, vs_random = _greater(br, bn), _differs(br, cr)
+                readings[ref] = {"natural": bn, "robust": br, "control": cr, "higher_than_natural": higher,
+                                 "differs_from_random": vs_random,
+                                 "verdict": "supported" if higher["holds"] and vs_random["excludes_zero"]
+                                 else "not supported"}
+            if not readings:
+                per[rob] = {"verdict": "not measured", "why": "trajectory figures missing"}
+                continue
+            v = _verdict([x["verdict"] == "supported" for x in readings.values()])
+            per[rob] = {"against": nat, "readings": readings,
+                        "verdict": v if v != "partly supported" else "mixed: " + ", ".join(
+                            f"{k} {x['verdict']}" for k, x in readings.items())}
+    f["4_trajectory"] = _finding("4_trajectory", per)
 
     lines = []
     for key, item in f.items():
-        num = key.split("_", 1)[0]
-        what = item.get("measured") or item.get("readings") or item.get("why")
-        lines.append(f"Finding {num}: {item['claim']} Verdict: {item['verdict'].upper()}. "
-                     f"Criterion: {item['criterion']}. Measured: {_short(what)}")
+        lines.append(f"Finding {key.split('_', 1)[0]}: {item['claim']} Verdict: {item['verdict'].upper()}. "
+                     f"Criterion: {item['criterion']}. Per model: " + "; ".join(
+                         f"{m} {v['verdict']}" for m, v in item["per_model"].items()) + ".")
     return f, lines
 
 
-def _spectrum_finding(claim, crit, pairs, test, label, value) -> dict:
-    measured, oks = {}, []
-    for model, rep in pairs:
-        sv = _get(rep, "diagnostics", "spectrum", "global", "singular_values")
-        if rep is None or not sv or len(sv) < 5:
-            continue
-        measured[model] = {"top5": sv[:5], label: value(sv)}
-        oks.append(test(sv))
+def _dataset_of(model: str) -> str | None:
+    name = model.split(":", 1)[-1]
+    return next((ds for ds in STUDY if name.startswith(ds + "-")), None)
+
+
+def _finding(key: str, per: dict) -> dict:
+    measured = {m: v for m, v in per.items() if v["verdict"] != "not measured"}
     if not measured:
-        return {"claim": claim, "criterion": crit, "verdict": "not measured",
-                "why": f"zoo model(s) not installed: {', '.join(m for m, r in pairs if r is None)}"}
-    verdict = "supported" if all(oks) else "not supported" if not any(oks) else "partly supported"
-    missing = [m for m, r in pairs if r is None]
-    if missing:
-        verdict += f" (measured on {', '.join(measured)} only; not installed: {', '.join(missing)})"
-    return {"claim": claim, "criterion": crit, "measured": measured, "verdict": verdict,
-            **({"not_measured": missing} if missing else {})}
+        why = "; ".join(f"{m}: {v.get('why', '')}" for m, v in per.items()) or "no model of its data set"
+        verdict = "not measured"
+    else:
+        verdict = _verdict([v["verdict"] == "supported" for v in measured.values()])
+        missing = [m for m in per if m not in measured]
+        if missing:
+            verdict += f" (measured on {', '.join(measured)} only; not measured: {', '.join(missing)})"
+    return {**CRITERIA[key], "per_model": per, "verdict": verdict, **({"why": why} if not measured else {})}
+
+
+def findings_table(findings: dict) -> list[list[str]]:
+    """The finding x model table of verdicts (first row: the header)."""
+    models_ = list(dict.fromkeys(m for item in findings.values() for m in item["per_model"]))
+    rows = [["finding", *models_]]
+    for key, item in findings.items():
+        rows.append([key, *(item["per_model"].get(m, {}).get("verdict", "-") for m in models_)])
+    return rows
 
 
 def _short(obj) -> str:
