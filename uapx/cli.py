@@ -85,7 +85,9 @@ def _add_model_args(p: argparse.ArgumentParser, owner, zoo_names: list[str]) -> 
          "(e.g. torchvision.models:resnet18)", type=argtypes.input_path, shown="zoo:<dataset>-natural")
     _opt(p, owner, "arch", "architecture of a plain state_dict checkpoint", choices=list(ARCHITECTURES),
          shown="read from the checkpoint")
-    if owner is AnalyzeConfig_():  # the user's own model and images (uapx.models.factory, uapx.image_sources)
+    from .pipeline import apply_uaps
+
+    if owner in (AnalyzeConfig_(), apply_uaps):  # the user's own model and images (uapx.models.factory, uapx.image_sources)
         from .models.factory import NORMALIZATIONS, checked_normalize, parse_model_args
 
         _opt(p, owner, "model_args", "keyword arguments of a factory --model, KEY=VALUE,... (values read as "
@@ -145,11 +147,6 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
     _opt(a, A, "random_draws", "random directions of the same norm drawn for the baseline", type=argtypes.whole(1))
     _opt(a, A, "trajectory_samples", "images whose PGD trajectories are recorded for trajectory diagnostics",
          type=argtypes.whole(1))
-    _opt(a, A, "eval_split", "held-out evaluation: also evaluate the UAPs on images of this split (not the "
-         "--split they are fitted on), e.g. --split train --eval-split test", choices=["train", "val", "test"],
-         shown="none (in-sample only)")
-    _opt(a, A, "eval_n_samples", "held-out images, a seeded class-stratified draw", type=argtypes.whole(1),
-         shown="as many as --n-samples")
     _opt(a, A, "eval_split", "held-out evaluation: also evaluate the UAPs on images of this split (not the "
          "--split they are fitted on), e.g. --split train --eval-split test", choices=["train", "val", "test"],
          shown="none (in-sample only)")

@@ -54,8 +54,6 @@ class AnalyzeConfig:
     n_samples: int | None = 1000
     eval_split: str | None = None  # held-out evaluation: the UAPs also on images of this split (never the fit images)
     eval_n_samples: int | None = None  # held-out images (a seeded stratified draw; default: as many as n_samples)
-    eval_split: str | None = None  # held-out evaluation: the UAPs also on images of this split (never the fit images)
-    eval_n_samples: int | None = None  # held-out images (a seeded stratified draw; default: as many as n_samples)
     batch_size: int = 250
     k: int = 5
     random_draws: int = 5
@@ -437,32 +435,6 @@ def evaluate_held_out(analysis: Analysis, c: AnalyzeConfig) -> dict | None:
             "evaluations": {name: ev.to_dict() for name, ev in evals.items()}}
 
 
-def evaluate_held_out(analysis: Analysis, c: AnalyzeConfig) -> dict | None:
-    """Stage 4b: every UAP on held-out images -- a seeded class-stratified draw of
-    ``c.eval_n_samples`` images of split ``c.eval_split``, which must differ from the split the
-    UAPs were fitted on (so no image is in both) -- beside random directions of the same norm;
-    ``report.json``'s ``uaps.held_out`` (None without ``eval_split``)."""
-    if c.eval_split is None:
-        return None
-    if c.eval_split == c.split:
-        raise UapxError(f"--eval-split {c.eval_split} is the split the UAPs are fitted on",
-                        "pass --split train --eval-split test (fit on training images, evaluate on test images)")
-    images = data.load(c.dataset, c.eval_split, c.data_root, skip_unreadable=c.skip_unreadable,
-                       image_size=c.image_size)
-    n = c.eval_n_samples or c.n_samples
-    images = images.subset(n if n is not None and n < len(images) else None, seed=c.seed + 1)
-    shard = images.take(distributed.shard(len(images)))
-    y_all = distributed.all_gather_rows(shard.y)
-    opts = dict(draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device)
-    evals, extra = evaluate_many(analysis.model, shard.images(), y_all, analysis.uaps, num_classes=analysis.num_classes,
-                                 precision=c.eval_precision, compile=c.compile, **opts)
-    from .stats import class_counts
-
-    return {"split": c.eval_split, "n_images": len(images), "class_counts": class_counts(images.y),
-            "random_baseline": extra["random_baseline"].get(f"{analysis.eps:g}"),
-            "evaluations": {name: ev.to_dict() for name, ev in evals.items()}}
-
-
 def run_diagnostics(analysis: Analysis, diagnostics: list[Component], c: AnalyzeConfig, report: Report,
                     timer: Timer) -> dict:
     """Stage 5: run every selected diagnostic on the analysis; their figures by name (plots and
@@ -546,6 +518,7 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None, model: n
     c = config.resolved()
     p = plan(c, reg)  # names and settings checked before any work
     out = check_output_folder(c.out, overwrite=c.overwrite, claim=distributed.is_main())
+    distributed.barrier()  # rank 0 has claimed --out (removing dead runs' leftovers) before any rank writes beside it
     timer = Timer()
     with timer("load"):
         s = load_inputs(c, p.attack, model=model, dataset=data)
@@ -555,9 +528,6 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None, model: n
         with timer("uap_methods"):
             build_uaps(analysis, p.methods, c)
             uaps = evaluate_uaps(analysis, preds, c, s.transfer)
-            held = evaluate_held_out(analysis, c) if data is None else None
-            if held:
-                uaps["held_out"] = held
             held = evaluate_held_out(analysis, c) if data is None else None
             if held:
                 uaps["held_out"] = held
@@ -582,8 +552,11 @@ def _run_plugin(name: str, fn):
 def apply_uaps(path: str, *, model: str, dataset: str = "mnist", data_root: str | None = None, split: str = "test",
                n_samples: int | None = None, arch: str | None = None, batch_size: int = 500, draws: int = 5,
                seed: int = 0, device: str = "cpu", only: list[str] | None = None, out: str | None = None,
-               precision: str = "auto", overwrite: bool = False, skip_unreadable: bool = False) -> dict:
-    """``uapx apply``: evaluate saved UAPs on any model and data set (JSON-ready results).
+               precision: str = "auto", overwrite: bool = False, skip_unreadable: bool = False,
+               model_args: dict | None = None, weights: str | None = None, normalize: str | None = None,
+               image_size: int | None = None) -> dict:
+    """``uapx apply``: evaluate saved UAPs on any model and data set (JSON-ready results); the
+    model and images as :func:`analyze` takes them (factory, weights, normalisation, image size).
 
     ``out`` (a JSON file) is claimed for the run and an existing one is replaced only with
     ``overwrite``; ``skip_unreadable`` leaves out image files that cannot be decoded (counted)."""
@@ -601,11 +574,12 @@ def apply_uaps(path: str, *, model: str, dataset: str = "mnist", data_root: str 
             raise UapxError(f"no UAP named {missing[0]!r} in {path!r}",
                             f"choose from: {', '.join(sorted(known)[:20])}")
         uaps = [u for u in uaps if u.name in only]
-    images = data.load(dataset, split, data_root, skip_unreadable=skip_unreadable).subset(n_samples, seed=seed)
+    images = data.load(dataset, split, data_root, skip_unreadable=skip_unreadable,
+                       image_size=image_size).subset(n_samples, seed=seed)
     if uaps and tuple(uaps[0].vector.shape) != tuple(images.shape):
         raise UapxError(f"the UAPs have shape {tuple(uaps[0].vector.shape)} but {dataset} images are "
                         f"{tuple(images.shape)}", "apply them to a data set of the same image shape")
-    net = models.load(model, device=device, arch=arch)
+    net = models.load(model, device=device, arch=arch, model_args=model_args, weights=weights, normalize=normalize)
     check_model_fits(net, images.images(slice(0, 1)).to(device), len(images.classes), what=model, data=dataset)
     distributed.init_from_env(device)
     shard = images.take(distributed.shard(len(images)))  # all of them in one process
