@@ -56,3 +56,27 @@ def test_stratified_draw_on_class_sorted_labels():
         assert c.max() <= 2 * 0.1 + 1e-9, (m, c)
     assert not torch.equal(idx, idx.sort().values)
     assert torch.equal(idx, stats.stratified_draw(y, 200, seed=3))
+
+
+def test_no_diagnostic_sees_a_class_sorted_sample_on_real_cifar10(data_root):
+    """CIFAR-10's ImageFolder is sorted by class: the analysed sample, its prefix (the trajectory
+    images), each torchrun rank's contiguous shard and the landscape measures' draw must each be
+    within 2x of a uniform class share."""
+    from uapx import data, distributed
+    from uapx_plugins._measures import stratified_draw as landscape_draw
+
+    full = data.load("cifar10", "test", data_root)
+    assert torch.equal(full.y[:50], torch.zeros(50, dtype=torch.long))  # the layout is class-sorted
+    sample = full.subset(400, seed=0)
+
+    def within_2x(y, what):
+        share = torch.bincount(y, minlength=10).double() / len(y)
+        assert share.max() <= 2 * 0.1 + 1e-9 and share.min() >= 0.1 / 2 - 1e-9, (what, share.tolist())
+
+    within_2x(sample.y, "sample")
+    within_2x(sample.y[:100], "trajectory images (the first 100)")
+    for world in (2, 4):
+        for rank in range(world):
+            within_2x(sample.y[distributed.shard(len(sample), rank=rank, world=world)], f"shard {rank}/{world}")
+    within_2x(sample.y[landscape_draw(sample.y, 200, seed=0)], "landscape images")
+    within_2x(full.y[stats.stratified_draw(full.y, 100, seed=0)], "method fit images")
