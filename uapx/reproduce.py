@@ -457,7 +457,32 @@ def _comparison_plots(report: Report, runs: dict[str, dict | None], parts: Path)
     ax.legend(fontsize=6)
     report.add_plot("landscape", "natural-vs-adversarial", fig,
                     "Loss along the top singular direction (solid) and a random direction (dashed) per model.")
+    _fooling_plot(report, done)
     _uap_images(report, done, parts)
+
+
+def _fooling_plot(report: Report, done: dict[str, dict]) -> None:
+    """The best global UAP's held-out fooling rate per model (Wilson 95 % error bars), its in-sample
+    rate beside it, and random directions of the same norm on the same held-out images."""
+    rows = [(m, h) for m, r in done.items() if (h := _held_out(r))]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.4))
+    for i, (m, h) in enumerate(rows):
+        lo, hi = h["wilson95"]
+        ax.errorbar(i - 0.15, h["fooling_rate"], yerr=[[h["fooling_rate"] - lo], [hi - h["fooling_rate"]]], fmt="o",
+                    color="k", capsize=4, label="held-out (the figure)" if i == 0 else None)
+        ax.plot(i, h["in_sample_fooling_rate"], "^", color="tab:blue", label="in-sample" if i == 0 else None)
+        r_lo, r_hi = h["random_wilson95"] or (h["random_fooling_rate"],) * 2
+        ax.errorbar(i + 0.15, h["random_fooling_rate"], yerr=[[h["random_fooling_rate"] - r_lo],
+                                                              [r_hi - h["random_fooling_rate"]]],
+                    fmt="x", color="grey", capsize=4, label="random directions (held-out)" if i == 0 else None)
+    ax.set_xticks(range(len(rows)), [m.split(":", 1)[1] for m, _ in rows], fontsize=7, rotation=20)
+    ax.set_ylabel("fooling rate")
+    ax.legend(fontsize=7)
+    report.add_plot("runs", "fooling-rates", fig,
+                    "Best global UAP per model: held-out fooling rate with its Wilson 95 % interval (the figure), "
+                    "the in-sample rate on the images it was fitted on, and random directions of the same norm.")
 
 
 def _uap_images(report: Report, done: dict[str, dict], parts: Path) -> None:
