@@ -163,7 +163,23 @@ class ImageRows:
             yield self[s:s + size]
 
     def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.images.images().to(*args, **kwargs)
+        return self.materialized().to(*args, **kwargs)
+
+    def materialized(self) -> torch.Tensor:
+        """Every image as one float tensor ``(N, C, H, W)``, read once and kept (memory grows with N:
+        the fallback for code that needs the whole tensor; one warning)."""
+        if getattr(self, "_all", None) is None:
+            import warnings
+
+            warnings.warn(f"uapx: a plugin reads all {len(self)} images at once ({len(self) * self.shape[1:].numel() * 4 / 2**20:.0f} "
+                          "MiB); memory now grows with the number of images", stacklevel=3)
+            self._all = self.images.images()
+        return self._all
+
+    def __getattr__(self, name: str) -> Any:  # tensor methods (reshape, mean, ...) on the whole tensor
+        if name.startswith("_") or name == "images":
+            raise AttributeError(name)
+        return getattr(self.materialized(), name)
 
     def __repr__(self) -> str:
         return f"ImageRows(shape={tuple(self.shape)}, read on demand)"
