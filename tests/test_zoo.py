@@ -47,9 +47,16 @@ def test_card_states_targets_that_hold(name):
     assert uapx.models.zoo.path(name).stat().st_size <= 10 * 2 ** 20
 
 
+# robust models whose strong-attack measurement has not finished yet (it must be absent, not guessed)
+STRONG_PENDING = {"cifar10-l2"}
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if TARGETS[n][1] is not None])
 def test_robust_card_records_the_strong_attack_and_its_verdict(name):
     card = uapx.models.zoo.card(name)
+    if name in STRONG_PENDING:
+        assert "strong_attack" not in card  # measured now: drop it from STRONG_PENDING
+        return
     strong = card["strong_attack"]  # 100-step PGD, 5 random restarts, the training norm and eps
     assert (strong["steps"], strong["restarts"], strong["random_start"]) == (100, 5, True)
     assert strong["norm"] == card["config"]["adversarial"] and strong["eps"] == card["config"]["eps"]
