@@ -61,3 +61,35 @@ def test_peak_memory(benchmark, setup_dir, tmp_path, command, n):
 def teardown_module(module):
     if PEAKS:
         print("\npeak RSS (MiB): " + json.dumps({k: round(v) for k, v in PEAKS.items()}))
+
+
+FLAT_RATIO, FLAT_LIMIT_MB = 1.25, 2048  # issue 14: analyze's peak memory flat in N
+
+
+def tiny_cnn(num_classes: int = 10):
+    """A small random-weight CNN for the memory runs (``--model test_memory:tiny_cnn``): what grows
+    with N is then uapx's, not the activations of a large model."""
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(512, num_classes))
+
+
+def test_analyze_memory_flat_in_n(setup_dir, tmp_path, monkeypatch):
+    """``analyze --plugins average,rsvd,spectrum`` (1 PGD step, random-weight model built by its
+    factory) at N = 2,000 and N = 20,000 CIFAR-10 training images: the larger run streams (images
+    read per chunk, the perturbations in an on-disk set) and its peak RSS stays within 1.25x of the
+    smaller's and below 2 GB. Methods and spectrum run globally and per class."""
+    root, _ = setup_dir
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + ":" + __import__("os").environ.get("PYTHONPATH", ""))
+    peaks = {}
+    for n in (2000, 20000):
+        argv = ["analyze", "--dataset", "cifar10", "--split", "train", "--data-root", str(root), "--model",
+                "test_memory:tiny_cnn", "--n-samples", str(n), "--steps", "1", "--batch-size", "250", "--plugins",
+                "average,rsvd,spectrum", "--k", "2", "--random-draws", "1", "--eval-precision", "float32",
+                "--out", f"rep-{n}"]
+        peaks[n] = peak_rss_mb(argv, tmp_path)
+        PEAKS[f"analyze average,rsvd,spectrum n={n}"] = peaks[n]
+        print(f"\nanalyze --plugins average,rsvd,spectrum on {n} CIFAR-10 training images: peak RSS {peaks[n]:.0f} MiB")
+    assert peaks[20000] <= FLAT_RATIO * peaks[2000], peaks
+    assert peaks[20000] < FLAT_LIMIT_MB, peaks
