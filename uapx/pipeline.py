@@ -517,6 +517,8 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None, model: n
         config = replace(config, dataset=getattr(data, "name", None) or type(data).__name__, data_root=None)
     c = config.resolved()
     p = plan(c, reg)  # names and settings checked before any work
+    if c.eval_split is not None and c.eval_split == c.split:  # before any work, too
+        evaluate_held_out(None, c)  # raises the one-line error  # type: ignore[arg-type]
     out = check_output_folder(c.out, overwrite=c.overwrite, claim=distributed.is_main())
     distributed.barrier()  # rank 0 has claimed --out (removing dead runs' leftovers) before any rank writes beside it
     timer = Timer()
