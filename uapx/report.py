@@ -336,7 +336,7 @@ def render_html(self: Report) -> str:
     for name, body in self.data.get("diagnostics", {}).items():
         add(name, f"diagnostics.{name}", body, open_=False, title=f"Diagnostic: {name}",
             fold=f"All numbers of the {name} diagnostic")
-    rest = [k for k in self.data if k not in (*RESULTS_FIRST, *CONTEXT_LAST, "diagnostics", "plots")]
+    rest = [k for k in self.data if k not in (*RESULTS_FIRST, *CONTEXT_LAST, "diagnostics", "plots") and k not in done]
     for key in [*rest, *(k for k in CONTEXT_LAST if k in self.data)]:
         add(key, key, self.data[key], open_=False)
     for key in sorted(plot_sections - done):

@@ -27,7 +27,6 @@ import uapx
 from uapx import distributed
 from uapx.diagnostics import Diagnostic, DiagnosticResult
 from uapx.stats import mean_se
-from uapx.stats import mean_se
 from uapx.linalg import gram, randomized_svd
 from uapx.plots import image_grid
 
@@ -95,20 +94,6 @@ def _alignment_control(diffs: dict[int, torch.Tensor], d: int, *, seed: int, dra
             "expected_sd_one_cosine": d ** -0.5, "what": "random Gaussian directions, any norm (cosine)"}
 
 
-def _alignment_control(diffs: dict[int, torch.Tensor], d: int, *, seed: int, draws: int = 20) -> dict:
-    """Signed cosines of random Gaussian directions with each class-mean difference ``(d,)``: the
-    control of ``class_alignment`` (mean over classes of the per-class mean over ``draws``, its s.e.)."""
-    g = torch.Generator().manual_seed(seed)
-    per_class, absolute = [], []
-    for ref in diffs.values():
-        r = torch.randn(draws, d, generator=g, dtype=torch.float64)
-        c = (r @ ref.double()) / (r.norm(dim=1) * ref.double().norm()).clamp_min(1e-300)
-        per_class.append(float(c.mean()))
-        absolute.append(float(c.abs().mean()))
-    return {**mean_se(torch.tensor(per_class), seed=seed), "abs_mean": sum(absolute) / max(len(absolute), 1),
-            "expected_sd_one_cosine": d ** -0.5, "what": "random Gaussian directions, any norm (cosine)"}
-
-
 def subspace_energy(v: torch.Tensor, basis: torch.Tensor) -> float:
     """``||P v||^2 / ||v||^2`` for the orthonormal rows ``basis`` ``(k, d)``."""
     v = v.reshape(-1).double()
@@ -152,10 +137,6 @@ class InterpretabilityDiagnostic(Diagnostic):
             "random_subspace_energy": {"mean": sum(rand) / len(rand), "expected": k / d},
             "class_alignment": align,
             "class_alignment_mean": {m: sum(v) / len(v) for m, v in by_method.items()},
-            # signed: a class UAP pointing against its class-mean difference scores < 0; bootstrap s.e. over classes
-            "class_alignment_stats": {m: mean_se(torch.tensor(v), seed=analysis.seed) for m, v in by_method.items()},
-            "class_alignment_control": _alignment_control(diffs, d, seed=analysis.seed + 12),
-            "random_subspace_energy_stats": mean_se(torch.tensor(rand), seed=analysis.seed),
             # signed: a class UAP pointing against its class-mean difference scores < 0; bootstrap s.e. over classes
             "class_alignment_stats": {m: mean_se(torch.tensor(v), seed=analysis.seed) for m, v in by_method.items()},
             "class_alignment_control": _alignment_control(diffs, d, seed=analysis.seed + 12),

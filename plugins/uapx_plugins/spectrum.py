@@ -114,90 +114,6 @@ def controlled_figures(pset, *, seed: int, top: int, bootstrap: bool = True) -> 
     return out
 
 
-BOOTSTRAP_MAX_ELEMENTS = 50_000_000  # N * d above which the bootstrap over rows is skipped (memory)
-
-
-def talk_figures(S: torch.Tensor, total_energy: float) -> dict:
-    """The ratios the study's criteria read, from singular values ``S`` (descending): sigma1/sigma2,
-    sigma1/sigma10, sigma5/sigma1, and the energy share sigma1^2 / ||D||_F^2."""
-    s = S.double()
-
-    def at(i: int) -> float:
-        return float(s[i]) if s.numel() > i else float("nan")
-
-    return {"sigma1_over_sigma2": at(0) / at(1) if at(1) > 0 else math.inf,
-            "sigma1_over_sigma10": at(0) / at(9) if at(9) > 0 else math.inf,
-            "sigma5_over_sigma1": at(4) / at(0) if at(0) > 0 else float("nan"),
-            "energy_share": at(0) ** 2 / max(total_energy, 1e-300)}
-
-
-TALK_KEYS = ("sigma1_over_sigma2", "sigma1_over_sigma10", "sigma5_over_sigma1", "energy_share")
-
-
-def _ratios_from_eig(ev: torch.Tensor) -> torch.Tensor:
-    """``TALK_KEYS`` from the eigenvalues ``ev`` of a Gram matrix (squared singular values)."""
-    s = ev.clamp_min(0).sort(descending=True).values.sqrt()
-    f = talk_figures(s, float((s ** 2).sum()))
-    return torch.tensor([f[k] for k in TALK_KEYS], dtype=torch.float64)
-
-
-def bootstrap_ratios(D: torch.Tensor, *, seed: int, reps: int = 100) -> dict:
-    """95 % percentile bootstrap intervals over the rows of ``D`` ``(N, d)`` of ``TALK_KEYS`` (by the
-    eigenvalues of the resampled Gram matrix: N x N when N <= d, else d x d weighted)."""
-    D = D.double()
-    N, d = D.shape
-    g = torch.Generator().manual_seed(seed)
-    G = D @ D.T if N <= d else None
-    reps_ = []
-    for _ in range(reps):
-        idx = torch.randint(0, N, (N,), generator=g)
-        if G is not None:
-            ev = torch.linalg.eigvalsh(G[idx][:, idx])
-        else:
-            w = torch.bincount(idx, minlength=N).double()
-            ev = torch.linalg.eigvalsh(D.T @ (w[:, None] * D))
-        reps_.append(_ratios_from_eig(ev))
-    r = torch.stack(reps_)
-    q = torch.quantile(r, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
-    return {k: {"se": float(r[:, i].std()), "low": float(q[0, i]), "high": float(q[1, i])}
-            for i, k in enumerate(TALK_KEYS)}
-
-
-def random_rows_like(chunks, *, seed: int):
-    """The control matrix, chunk by chunk: Gaussian rows rescaled to the row norms of ``chunks``."""
-    g = torch.Generator().manual_seed(seed)
-    for block in chunks:
-        r = torch.randn(block.shape, generator=g, dtype=torch.float64)
-        yield (r * (block.double().norm(dim=1, keepdim=True) / r.norm(dim=1, keepdim=True).clamp_min(1e-30))).float()
-
-
-def controlled_figures(pset, *, seed: int, top: int, bootstrap: bool = True) -> dict:
-    """The talk's figures of ``pset``'s matrix D beside its random control (rows of the same norms),
-    each with a bootstrap 95 % interval over rows, and the eigenvalues of the second-moment matrix
-    D^T D / N and of the covariance matrix of the rows (the talk's eigen-spectra)."""
-    from uapx import distributed
-
-    res = top_svd_gram(pset.chunks(), pset.d, pset.d, center=False)
-    cen = top_svd_gram(pset.chunks(), pset.d, pset.d, center=True)
-    ctl = top_svd_gram(random_rows_like(pset.chunks(), seed=seed), pset.d, pset.d, center=False)
-    n = max(res.n, 1)
-    out = {"figures": talk_figures(res.S, res.total_energy),
-           "control": {**talk_figures(ctl.S, ctl.total_energy),
-                       "singular_values": ctl.S.double()[:top].tolist(),
-                       "what": "random Gaussian rows rescaled to the perturbations' row norms"},
-           "eigenvalues_second_moment": (res.S.double()[:top] ** 2 / n).tolist(),
-           "eigenvalues_covariance": (cen.S.double()[:top] ** 2 / max(n - 1, 1)).tolist()}
-    ev = out["eigenvalues_second_moment"]
-    out["figures"]["eigenvalue1_over_eigenvalue2"] = ev[0] / ev[1] if len(ev) > 1 and ev[1] > 0 else math.inf
-    out["figures"]["eigenvalue5_over_eigenvalue1"] = ev[4] / ev[0] if len(ev) > 4 and ev[0] > 0 else math.nan
-    if bootstrap and not distributed.active() and len(pset) * pset.d <= BOOTSTRAP_MAX_ELEMENTS and len(pset) > 2:
-        D = pset.matrix()
-        out["bootstrap95"] = bootstrap_ratios(D, seed=seed)
-        C = torch.cat(list(random_rows_like(D.split(4096), seed=seed)))
-        out["control"]["bootstrap95"] = bootstrap_ratios(C, seed=seed + 1)
-    return out
-
-
 class SpectrumDiagnostic(Diagnostic):
     """Singular-value spectrum of the perturbation matrix, global and per class."""
 
@@ -230,8 +146,6 @@ class SpectrumDiagnostic(Diagnostic):
         per_class = {str(c): self._one(pset.where(pset.labels == c)) for c in pset.classes}
         if pset.d <= 4096:  # exact d x d spectra: the figures beside their control, with intervals
             glob["talk"] = controlled_figures(pset, seed=analysis.seed, top=self.top)
-        if pset.d <= 4096:  # exact d x d spectra: the figures beside their control, with intervals
-            glob["talk"] = controlled_figures(pset, seed=analysis.seed, top=self.top)
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
         k = len(glob["singular_values"])
         ax.semilogy(range(1, k + 1), glob["singular_values"], "o-", color="k", label="all images", zorder=3)
@@ -247,21 +161,6 @@ class SpectrumDiagnostic(Diagnostic):
                    f"{glob['sigma1_over_sigma2']:.3g}; " + (
                        f"effective rank {glob['effective_rank']:.1f} of {pset.d}." if glob["effective_rank"] is not None
                        else f"top {k} values by randomized SVD (d = {pset.d} is too large for the exact spectrum)."))
-        if "talk" in glob:
-            t, cs = glob["talk"], glob["talk"]["control"]["singular_values"]
-            ax.semilogy(range(1, len(cs) + 1), cs, "x:", color="grey", label="control (random rows)")
-            ax.legend(fontsize=6, ncol=2)
-            bi = t.get("bootstrap95", {})
-
-            def ci(key: str, src: dict) -> str:
-                b = src.get(key)
-                return f" [{b['low']:.3g}, {b['high']:.3g}]" if b else ""
-
-            summary += " Against the random-rows control: " + "; ".join(
-                f"{k} {t['figures'][k]:.3g}{ci(k, bi)} vs {t['control'][k]:.3g}"
-                f"{ci(k, t['control'].get('bootstrap95', {}))}"
-                for k in ("sigma1_over_sigma2", "sigma1_over_sigma10", "energy_share")) + \
-                " (95 % bootstrap intervals over rows)."
         if "talk" in glob:
             t, cs = glob["talk"], glob["talk"]["control"]["singular_values"]
             ax.semilogy(range(1, len(cs) + 1), cs, "x:", color="grey", label="control (random rows)")
