@@ -59,26 +59,27 @@ def count_or_all(text: str) -> int | None:
     return value
 
 
-def positive(text: str) -> float:
-    """A finite number > 0."""
+def _finite(text: str, *, ok, expected: str, out_of_range: str, fix: str) -> float:
+    """``float(text)`` when finite and ``ok(value)``; else a one-line refusal."""
     try:
         value = float(text)
     except ValueError:
-        raise _refuse(f"expected a number, got {text!r}", "pass a positive number, e.g. 0.5") from None
-    if not (value > 0) or not math.isfinite(value):
-        raise _refuse(f"must be a positive finite number, got {text}", "pass a number > 0, e.g. 0.5")
+        raise _refuse(f"expected a number, got {text!r}", expected) from None
+    if not ok(value) or not math.isfinite(value):
+        raise _refuse(f"{out_of_range}, got {text}", fix)
     return value
+
+
+def positive(text: str) -> float:
+    """A finite number > 0."""
+    return _finite(text, ok=lambda v: v > 0, expected="pass a positive number, e.g. 0.5",
+                   out_of_range="must be a positive finite number", fix="pass a number > 0, e.g. 0.5")
 
 
 def non_negative(text: str) -> float:
     """A finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise _refuse(f"expected a number, got {text!r}", "pass a number >= 0") from None
-    if not (value >= 0) or not math.isfinite(value):
-        raise _refuse(f"must be a finite number >= 0, got {text}", "pass a number >= 0")
-    return value
+    return _finite(text, ok=lambda v: v >= 0, expected="pass a number >= 0",
+                   out_of_range="must be a finite number >= 0", fix="pass a number >= 0")
 
 
 def names(text: str) -> list[str]:

@@ -272,6 +272,18 @@ def _verdict(oks: list[bool]) -> str:
     return "supported" if oks and all(oks) else "not supported" if not any(oks) else "partly supported"
 
 
+def _measured_pairs(pairs: dict, runs: dict[str, dict | None], per: dict):
+    """``(natural model, robust model, natural run, robust run)`` for every pair whose runs both exist; a pair
+    missing one is recorded in ``per`` as "not measured"."""
+    for _ds, (nat, robs) in pairs.items():
+        for rob in robs:
+            n, r = runs.get(nat), runs.get(rob)
+            if not (n and r):
+                per[rob] = {"verdict": "not measured", "why": f"not installed: {nat if not n else rob}"}
+                continue
+            yield nat, rob, n, r
+
+
 def judge(runs: dict[str, dict | None]) -> tuple[dict, list[str]]:
     """Each finding on every robust model of a data set against its natural model (and, for the
     spectra, on every model): the claim, the criterion, what it tests and why it could fail, the
@@ -281,28 +293,23 @@ def judge(runs: dict[str, dict | None]) -> tuple[dict, list[str]]:
     f: dict[str, dict] = {}
 
     per: dict[str, dict] = {}
-    for ds, (nat, robs) in pairs.items():
-        for rob in robs:
-            n, r = runs.get(nat), runs.get(rob)
-            if not (n and r):
-                per[rob] = {"verdict": "not measured", "why": f"not installed: {nat if not n else rob}"}
-                continue
-            en, er = _energy_stats(n), _energy_stats(r)
-            an, ar = _alignment_stats(n), _alignment_stats(r)
-            if None in (en, er, an, ar):
-                per[rob] = {"verdict": "not measured", "why": "interpretability figures missing"}
-                continue
-            mag = lambda a: {"mean": abs(a["mean"]), "se": a["se"]}  # noqa: E731
-            checks = {"energy_higher_than_natural": _greater(er, en),
-                      "energy_differs_from_random": _differs(er, er["control"]),
-                      "alignment_magnitude_higher_than_natural": _greater(mag(ar), mag(an)),
-                      "alignment_differs_from_random": _differs(ar, ar["control"])}
-            ok = (checks["energy_higher_than_natural"]["holds"] and checks["energy_differs_from_random"]["excludes_zero"]
-                  and checks["alignment_magnitude_higher_than_natural"]["holds"]
-                  and checks["alignment_differs_from_random"]["excludes_zero"])
-            per[rob] = {"against": nat, "energy": {"natural": en, "robust": er},
-                        "signed_alignment": {"natural": an, "robust": ar}, "checks": checks,
-                        "verdict": "supported" if ok else "not supported"}
+    for nat, rob, n, r in _measured_pairs(pairs, runs, per):
+        en, er = _energy_stats(n), _energy_stats(r)
+        an, ar = _alignment_stats(n), _alignment_stats(r)
+        if None in (en, er, an, ar):
+            per[rob] = {"verdict": "not measured", "why": "interpretability figures missing"}
+            continue
+        mag = lambda a: {"mean": abs(a["mean"]), "se": a["se"]}  # noqa: E731
+        checks = {"energy_higher_than_natural": _greater(er, en),
+                  "energy_differs_from_random": _differs(er, er["control"]),
+                  "alignment_magnitude_higher_than_natural": _greater(mag(ar), mag(an)),
+                  "alignment_differs_from_random": _differs(ar, ar["control"])}
+        ok = (checks["energy_higher_than_natural"]["holds"] and checks["energy_differs_from_random"]["excludes_zero"]
+              and checks["alignment_magnitude_higher_than_natural"]["holds"]
+              and checks["alignment_differs_from_random"]["excludes_zero"])
+        per[rob] = {"against": nat, "energy": {"natural": en, "robust": er},
+                    "signed_alignment": {"natural": an, "robust": ar}, "checks": checks,
+                    "verdict": "supported" if ok else "not supported"}
     f["1_interpretability"] = _finding("1_interpretability", per)
 
     for key, ds in (("2_mnist_spectrum", "mnist"), ("3_cifar_spectrum", "cifar10")):
@@ -335,31 +342,26 @@ def judge(runs: dict[str, dict | None]) -> tuple[dict, list[str]]:
         f[key] = _finding(key, per)
 
     per = {}
-    for ds, (nat, robs) in pairs.items():
-        for rob in robs:
-            n, r = runs.get(nat), runs.get(rob)
-            if not (n and r):
-                per[rob] = {"verdict": "not measured", "why": f"not installed: {nat if not n else rob}"}
+    for nat, rob, n, r in _measured_pairs(pairs, runs, per):
+        readings = {}
+        for ref in ("universal", "own_final", "own_mean"):
+            bn = _get(n, "diagnostics", "trajectory", ref, "before_last")
+            br = _get(r, "diagnostics", "trajectory", ref, "before_last")
+            cr = _get(r, "diagnostics", "trajectory", ref, "control")
+            if not (bn and br and cr):
                 continue
-            readings = {}
-            for ref in ("universal", "own_final", "own_mean"):
-                bn = _get(n, "diagnostics", "trajectory", ref, "before_last")
-                br = _get(r, "diagnostics", "trajectory", ref, "before_last")
-                cr = _get(r, "diagnostics", "trajectory", ref, "control")
-                if not (bn and br and cr):
-                    continue
-                higher, vs_random = _greater(br, bn), _differs(br, cr)
-                readings[ref] = {"natural": bn, "robust": br, "control": cr, "higher_than_natural": higher,
-                                 "differs_from_random": vs_random,
-                                 "verdict": "supported" if higher["holds"] and vs_random["excludes_zero"]
-                                 else "not supported"}
-            if not readings:
-                per[rob] = {"verdict": "not measured", "why": "trajectory figures missing"}
-                continue
-            v = _verdict([x["verdict"] == "supported" for x in readings.values()])
-            per[rob] = {"against": nat, "readings": readings,
-                        "verdict": v if v != "partly supported" else "mixed: " + ", ".join(
-                            f"{k} {x['verdict']}" for k, x in readings.items())}
+            higher, vs_random = _greater(br, bn), _differs(br, cr)
+            readings[ref] = {"natural": bn, "robust": br, "control": cr, "higher_than_natural": higher,
+                             "differs_from_random": vs_random,
+                             "verdict": "supported" if higher["holds"] and vs_random["excludes_zero"]
+                             else "not supported"}
+        if not readings:
+            per[rob] = {"verdict": "not measured", "why": "trajectory figures missing"}
+            continue
+        v = _verdict([x["verdict"] == "supported" for x in readings.values()])
+        per[rob] = {"against": nat, "readings": readings,
+                    "verdict": v if v != "partly supported" else "mixed: " + ", ".join(
+                        f"{k} {x['verdict']}" for k, x in readings.items())}
     f["4_trajectory"] = _finding("4_trajectory", per)
 
     lines = []
