@@ -58,6 +58,43 @@ def test_stratified_draw_on_class_sorted_labels():
     assert torch.equal(idx, stats.stratified_draw(y, 200, seed=3))
 
 
+def _prefix_deviation(labels: torch.Tensor, share: torch.Tensor) -> float:
+    """The largest ``|count of class c in the first t - t * share_c|`` over every prefix and class."""
+    onehot = torch.nn.functional.one_hot(labels, len(share)).double()
+    t = torch.arange(1, len(labels) + 1, dtype=torch.float64)[:, None]
+    return float((onehot.cumsum(0) - t * share[None]).abs().max())
+
+
+@pytest.mark.parametrize("n", [10, 97, 200, 1000])
+def test_every_prefix_of_a_draw_is_stratified(n):
+    y = torch.arange(10).repeat_interleave(1000)  # class-sorted
+    for seed in range(3):
+        idx = stats.stratified_draw(y, n, seed=seed)
+        assert _prefix_deviation(y[idx], torch.full((10,), 0.1)) <= 1 + 1e-9
+        counts = torch.bincount(y[idx], minlength=10)
+        assert len(set(idx.tolist())) == n and int(counts.max() - counts.min()) <= 1
+    # unequal classes (MNIST-like shares): each prefix within about 1 of the class's proportional share
+    y = torch.cat([torch.full((k,), c) for c, k in enumerate([980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])])
+    idx = stats.stratified_draw(y, 500, seed=1)
+    take = torch.bincount(y[idx], minlength=10).double()
+    assert _prefix_deviation(y[idx], take / take.sum()) <= 1.5
+    # a class with too few images: all of them, the others keep their share in every prefix
+    y = torch.cat([torch.zeros(3, dtype=torch.long), torch.ones(500, dtype=torch.long)])
+    idx = stats.stratified_draw(y, 100, seed=0)
+    assert len(set(idx.tolist())) == 100 and _prefix_deviation(y[idx], torch.tensor([0.01, 0.99])) <= 1 + 1e-9
+
+
+def test_every_prefix_of_a_draw_is_stratified_on_real_cifar10(data_root):
+    from uapx import data
+
+    full = data.load("cifar10", "test", data_root)
+    for n in (100, 400):
+        y = full.subset(n, seed=0).y
+        share = torch.bincount(full.y, minlength=10).double() / len(full)
+        assert _prefix_deviation(y, share) <= 1 + 1e-9, n
+        assert _prefix_deviation(full.y[stats.stratified_draw(full.y, n, seed=4)], share) <= 1 + 1e-9
+
+
 def test_no_diagnostic_sees_a_class_sorted_sample_on_real_cifar10(data_root):
     """CIFAR-10's ImageFolder is sorted by class: the analysed sample, its prefix (the trajectory
     images), each torchrun rank's contiguous shard and the landscape measures' draw must each be

@@ -84,7 +84,7 @@ class ImageSet:
 
     def subset(self, n: int | None, *, seed: int = 0) -> "ImageSet":
         """A seeded random draw of ``n`` images (all of them when ``n`` is None), stratified by class
-        (:func:`uapx.stats.stratified_draw`) and in random order, so that every prefix (the
+        (:func:`uapx.stats.stratified_draw`) and class-interleaved, so that every prefix (the
         trajectory images) and every contiguous shard (a torchrun rank's) is a class-mixed draw too
         -- never the class-sorted order of an ImageFolder."""
         from .stats import stratified_draw

@@ -1,7 +1,7 @@
 """Uncertainty and unbiased selection: the statistics every uapx figure carries.
 
-- :func:`stratified_draw`: a seeded random draw of rows, stratified by class, in random order
-  (so any prefix or contiguous shard of it is itself a random, class-mixed draw);
+- :func:`stratified_draw`: a seeded random draw of rows, stratified by class, class-interleaved
+  (so any prefix or contiguous shard of it is itself a stratified draw);
 - :func:`wilson`: the Wilson score interval of a binomial rate (fooling rates);
 - :func:`bootstrap_se` / :func:`bootstrap_means`: bootstrap over images of a per-image mean;
 - :func:`bootstrap_rows`: bootstrap over the rows of a matrix of any statistic of it
@@ -22,7 +22,14 @@ BOOTSTRAP_REPS = 1000
 def stratified_draw(y: torch.Tensor, n: int | None = None, *, seed: int) -> torch.Tensor:
     """Positions of a seeded random draw of ``min(n, N)`` rows of labels ``y`` ``(N,)``, stratified
     by class (each class its proportional share, largest remainders first, drawn at random within
-    the class), returned in a seeded random order -- never sorted by class or position."""
+    the class), returned class-interleaved so that every prefix is itself stratified.
+
+    Order: class ``c`` with ``k_c`` picks gives its ``j``-th pick (random within the class) the key
+    ``(j + 1/2) / k_c``; positions are sorted by key, ties in a seeded random class order.  With equal
+    shares this is a round-robin over the classes in that order, and every prefix of length ``t``
+    holds ``t / C`` of each class to within 1; with unequal shares each class's count in any prefix
+    is within about 1 of ``t k_c / n``.  Any prefix (the trajectory images) and any contiguous shard
+    (a torchrun rank's) is then a class-stratified draw -- never sorted by class or position."""
     N = int(y.numel())
     n = N if n is None else min(int(n), N)
     g = torch.Generator().manual_seed(seed)
@@ -38,8 +45,11 @@ def stratified_draw(y: torch.Tensor, n: int | None = None, *, seed: int) -> torc
         take[order[:rest]] += 1
     picks = [rows[torch.randperm(len(rows), generator=g)[:k]]
              for c, k in zip(classes.tolist(), take.tolist()) for rows in [(y == c).nonzero().flatten()]]
-    idx = torch.cat(picks)
-    return idx[torch.randperm(len(idx), generator=g)]
+    class_order = torch.randperm(len(classes), generator=g).tolist()
+    idx = torch.cat([picks[i] for i in class_order])
+    keys = torch.cat([(torch.arange(len(picks[i]), dtype=torch.float64) + 0.5) / max(len(picks[i]), 1)
+                      for i in class_order])
+    return idx[torch.sort(keys, stable=True).indices]
 
 
 def class_counts(y: torch.Tensor) -> dict[str, int]:
