@@ -100,6 +100,10 @@ def _add_model_args(p: argparse.ArgumentParser, owner, zoo_names: list[str]) -> 
              type=checked_normalize, metavar="NAME|MEAN;STD", shown="none")
         _opt(p, owner, "image_size", "imagefolder: resize the shorter side to S and centre-crop S x S",
              type=argtypes.whole(1), metavar="S", shown="the images' own size")
+        _opt(p, owner, "class_index", "JSON file {class_name: index} giving each class folder its output of the "
+             "model; without it the class folders of a 1000-output model that are ImageNet wnids (n01440764, ...) "
+             "get their ImageNet indices, other folders 0..C-1 in sorted order", type=argtypes.input_path,
+             metavar="FILE", shown="wnids or sorted order")
     _opt(p, owner, "split", "data split (val: imagefolder only; test falls back to val there)",
          choices=["train", "val", "test"])
 

@@ -22,6 +22,7 @@ from . import settings as plugin_settings
 from .analysis import Analysis, MethodData  # noqa: F401  (re-exported: uapx.pipeline.Analysis)
 from .attacks import check_budget
 from . import contract
+from .class_index import model_labels, read_class_index
 from .compat import check_model_fits
 from .errors import EXIT_PLUGIN, UapxError
 from .evaluate import evaluate_many, random_baseline
@@ -45,6 +46,7 @@ class AnalyzeConfig:
     weights: str | None = None  # state_dict file loaded into a factory --model
     normalize: str | None = None  # normalisation layer in front of the model: imagenet, cifar10 or MEAN;STD
     image_size: int | None = None  # imagefolder: resize the shorter side and centre-crop to S x S
+    class_index: str | dict[str, int] | None = None  # {class name: model output} (a JSON file); uapx.class_index
     plugins: list[str] = field(default_factory=lambda: ["average", "svd"])
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     attack: str = "pgd-l2"
@@ -78,6 +80,8 @@ class AnalyzeConfig:
                             "pass a smaller --eps (any two images in [0, 1] differ by at most sqrt(d) in L2)")
         check_budget(c.eps, c.steps, c.step_size)
         defaults.check_eps(norm, c.eps)
+        if isinstance(c.class_index, (str, Path)):  # read (and checked) before any work
+            c.class_index = read_class_index(c.class_index)
         if c.trajectory_samples < 1:
             raise UapxError(f"--trajectory-samples must be >= 1, got {c.trajectory_samples}",
                             "pass --trajectory-samples 1 or more")
@@ -211,9 +215,9 @@ def load_inputs(c: AnalyzeConfig, attack_comp: Component, *, model: nn.Module | 
     model, card = models.load_with_card(model if model is not None else c.model, device=c.device, arch=c.arch,
                                         model_args=c.model_args, weights=c.weights, normalize=c.normalize)
     x1 = images.images(slice(0, 1)).to(c.device)  # one forward pass each before any attack
-    outputs = check_model_fits(model, x1, len(images.classes), what=c.model, data=images.name)
-    if outputs > len(images.classes):  # e.g. an ImageNet model on a subset of its classes
-        images = replace(images, classes=[*images.classes, *(str(i) for i in range(len(images.classes), outputs))])
+    outputs = check_model_fits(model, x1, None, what=c.model, data=images.name)
+    # labels in the model's output space (ImageNet wnids on a 1000-class model, --class-index)
+    images = model_labels(images, outputs, class_index=c.class_index, what=c.model)
     transfer = {spec: models.load(spec, device=c.device) for spec in c.transfer}
     for spec, other in transfer.items():
         check_model_fits(other, x1, len(images.classes), what=f"--transfer {spec}", data=images.name)
@@ -421,6 +425,7 @@ def evaluate_held_out(analysis: Analysis, c: AnalyzeConfig) -> dict | None:
                         "pass --split train --eval-split test (fit on training images, evaluate on test images)")
     images = data.load(c.dataset, c.eval_split, c.data_root, skip_unreadable=c.skip_unreadable,
                        image_size=c.image_size)
+    images = model_labels(images, analysis.num_classes, class_index=c.class_index, what=c.model)
     n = c.eval_n_samples or c.n_samples
     images = images.subset(n if n is not None and n < len(images) else None, seed=c.seed + 1)
     shard = images.take(distributed.shard(len(images)))
@@ -556,12 +561,13 @@ def apply_uaps(path: str, *, model: str, dataset: str = "mnist", data_root: str 
                seed: int = 0, device: str = "cpu", only: list[str] | None = None, out: str | None = None,
                precision: str = "auto", overwrite: bool = False, skip_unreadable: bool = False,
                model_args: dict | None = None, weights: str | None = None, normalize: str | None = None,
-               image_size: int | None = None) -> dict:
+               image_size: int | None = None, class_index: str | dict[str, int] | None = None) -> dict:
     """``uapx apply``: evaluate saved UAPs on any model and data set (JSON-ready results); the
     model and images as :func:`analyze` takes them (factory, weights, normalisation, image size).
 
     ``out`` (a JSON file) is claimed for the run and an existing one is replaced only with
-    ``overwrite``; ``skip_unreadable`` leaves out image files that cannot be decoded (counted)."""
+    ``overwrite``; ``skip_unreadable`` leaves out image files that cannot be decoded (counted);
+    ``class_index`` as in :class:`AnalyzeConfig` (:func:`uapx.class_index.model_labels`)."""
     from .methods import load_uaps
 
     if out and distributed.is_main():
@@ -582,7 +588,8 @@ def apply_uaps(path: str, *, model: str, dataset: str = "mnist", data_root: str 
         raise UapxError(f"the UAPs have shape {tuple(uaps[0].vector.shape)} but {dataset} images are "
                         f"{tuple(images.shape)}", "apply them to a data set of the same image shape")
     net = models.load(model, device=device, arch=arch, model_args=model_args, weights=weights, normalize=normalize)
-    check_model_fits(net, images.images(slice(0, 1)).to(device), len(images.classes), what=model, data=dataset)
+    outputs = check_model_fits(net, images.images(slice(0, 1)).to(device), None, what=model, data=dataset)
+    images = model_labels(images, outputs, class_index=class_index, what=model)
     distributed.init_from_env(device)
     shard = images.take(distributed.shard(len(images)))  # all of them in one process
     y_all = distributed.all_gather_rows(shard.y)  # predict() gathers every rank's predictions
