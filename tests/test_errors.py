@@ -72,6 +72,8 @@ def make_case(name: str, tmp_path, monkeypatch):
         return ["analyze", "--attack", "fgsm"], "unknown attack"
     if name == "malformed --set":
         return ["analyze", "--set", "svd=3"], "PLUGIN.KEY=VALUE"
+    if name == "disabling a plugin that does not exist":
+        return ["analyze", "-p", "no:averag"], "-p no:averag: no plugin (entry point) is named 'averag'"
     # -- issue 15: every option checked before any work, in one format --------------------------
     if name == "argparse error":
         return ["analyze", "--k", "abc"], "argument --k: expected a whole number, got 'abc'"
@@ -285,6 +287,7 @@ CASES = ["missing data root", "wrong data layout", "data root without the data s
          "checkpoint of another architecture", "eps <= 0", "steps < 1", "step size <= 0",
          "NaN arising in gradients", "unknown plugin", "plugin that raises", "unwritable output folder",
          "report folder holding another run", "more samples than exist", "unknown attack", "malformed --set",
+         "disabling a plugin that does not exist",
          "argparse error", "unknown option", "device torch does not know", "cuda without a GPU for apply",
          "cuda without a GPU for train", "random draws 0", "apply batch size 0", "train checkpoint-every 0",
          "eps whose default step overflows", "data root too long", "output name too long",
@@ -362,6 +365,24 @@ def test_unreadable_images_are_skipped_and_counted_with_the_option(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["data"]["unreadable_skipped"] == {"count": 1, "files": [str(bad)]}
     assert rep["data"]["n_images"] == 20  # the 20 readable ones
+
+
+def test_train_skips_unreadable_images_with_the_option_and_counts_them(tmp_path):
+    """train shares analyze's --skip-unreadable: without it the broken file is named in one line (exit
+    2, no model written); with it training runs on the readable images and the card counts the one left out."""
+    import json
+
+    root = image_folder(tmp_path / "imgs", per_class=1)
+    (root / "cifar10-jpeg" / "test").rename(root / "cifar10-jpeg" / "train")
+    image_folder(tmp_path / "imgs", per_class=1)  # the test split
+    bad = root / "cifar10-jpeg" / "train" / "cat" / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    argv = ["train", "--dataset", "cifar10", "--data-root", str(root), "--epochs", "1", "--batch-size", "5",
+            "--eval-steps", "1", "--eval-n", "2", "--out", str(tmp_path / "m.pt")]
+    assert main(argv) == 2 and not (tmp_path / "m.pt").exists()
+    assert main([*argv, "--skip-unreadable"]) == 0
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert card["unreadable_skipped"] == {"train": {"count": 1, "files": [str(bad)]}, "test": {"count": 0, "files": []}}
 
 
 def test_final_rename_never_replaces_a_folder_that_appeared_meanwhile(tmp_path):

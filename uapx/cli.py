@@ -75,6 +75,8 @@ def _add_common_model_args(p: argparse.ArgumentParser, owner) -> None:
          shown="$UAPX_DATA_ROOT, then ~/.cache/uapx/data; the MNIST test split is embedded")
     _opt(p, owner, "device", "torch device: cpu, cuda or cuda:N", type=argtypes.device)
     _opt(p, owner, "seed", "random seed of every draw", type=argtypes.seed)
+    _opt(p, owner, "skip_unreadable", "leave out image files that cannot be decoded, counted in what the command "
+         "writes (report, results, model card); without it such a file is an error naming it", action="store_true")
 
 
 def _add_model_args(p: argparse.ArgumentParser, owner, zoo_names: list[str]) -> None:
@@ -168,8 +170,6 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
          type=argtypes.names, metavar="MODEL[,MODEL...]")
     _opt(a, A, "out", "report folder", type=argtypes.output_path, metavar="DIR")
     _opt(a, A, "overwrite", "replace a report folder that already holds a run", action="store_true")
-    _opt(a, A, "skip_unreadable", "leave out image files that cannot be decoded, counted in the report "
-         "(without it such a file is an error naming it)", action="store_true")
 
     k = sub.add_parser("attack", help="perturb a data set with PGD and save the perturbation set (resumable)")
     _add_common_model_args(k, A)
@@ -178,8 +178,6 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
     k.set_defaults(n_samples=None)  # a saved set holds the whole split unless asked otherwise
     k.add_argument("--chunk-size", type=argtypes.whole(1), default=_default(attack_dataset, "chunk_size"),
                    help="images per chunk file (default: %(default)s)")
-    _opt(k, A, "skip_unreadable", "leave out image files that cannot be decoded (without it such a file is an "
-         "error naming it)", action="store_true")
     k.add_argument("--out", required=True, type=argtypes.output_path, metavar="DIR",
                    help="perturbation set folder; the same command resumes it")
 
@@ -195,8 +193,6 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
     _opt(ap, apply_uaps, "out", "write the results as JSON to this file", type=argtypes.output_path,
          metavar="FILE", shown="print only")
     _opt(ap, apply_uaps, "overwrite", "replace an existing --out file", action="store_true")
-    _opt(ap, apply_uaps, "skip_unreadable", "leave out image files that cannot be decoded, counted in the results "
-         "(without it such a file is an error naming it)", action="store_true")
 
     T = TrainConfig
     t = sub.add_parser("train", help="train a natural or adversarially robust model")

@@ -70,6 +70,11 @@ class ImageSet:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
+    def skipped_record(self, listed: int = 20) -> dict:
+        """What ``skip_unreadable`` left out, as written to reports: ``{"count", "files"}`` (the first
+        ``listed`` paths)."""
+        return {"count": len(self.skipped), "files": self.skipped[:listed]}
+
     def images(self, idx: slice | torch.Tensor | None = None) -> torch.Tensor:
         """Float images in [0, 1], ``(n, C, H, W)``."""
         x = self.x if idx is None else self.x[idx]

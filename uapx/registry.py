@@ -74,12 +74,14 @@ class Registry:
             autoload = os.environ.get("UAPX_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
         env_disabled = [s.strip() for s in os.environ.get("UAPX_PLUGINS_DISABLE", "").split(",")]
         self._disabled = {s for s in [*disabled, *env_disabled] if s}
+        self._asked_disabled = [s for s in disabled if s]  # named by the caller (-p no:NAME): must exist
         self._autoload = autoload
 
     # -- loading ----------------------------------------------------------------------------
 
     def load_entrypoints(self) -> "Registry":
-        """Load every entry point in group ``uapx``, one at a time, recording failures."""
+        """Load every entry point in group ``uapx``, one at a time, recording failures.  A name
+        passed as ``disabled`` that no entry point has (a typo in ``-p no:NAME``) is a one-line error."""
         seen: set[tuple[str, str]] = set()
         for ep in sorted(md.entry_points(group=hookspecs.PROJECT), key=lambda e: e.name):
             dist = getattr(ep, "dist", None)
@@ -102,6 +104,11 @@ class Registry:
                 rec.error = f"{type(exc).__name__}: {exc}"
                 continue
             self._register(plugin, rec)
+        known = {r.name for r in self.records}
+        unknown = [name for name in self._asked_disabled if name not in known]
+        if unknown:
+            raise UapxError(f"-p no:{unknown[0]}: no plugin (entry point) is named {unknown[0]!r}",
+                            f"disable one of: {', '.join(sorted(known)) or '(none installed)'} (see 'uapx plugins')")
         return self
 
     def register(self, plugin: Any, name: str, *, distribution: str = "<local>",

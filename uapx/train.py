@@ -62,6 +62,7 @@ class TrainConfig:
     eval_n: int | None = None  # test images for the robust accuracy; None = all
     strong_n: int | None = 1000  # seeded sample of test images for the strong attack (uapx.strength); None = all
     half: bool = True
+    skip_unreadable: bool = False  # leave out image files that cannot be decoded (counted in the model card)
     command: str = field(default_factory=lambda: " ".join(
         ["uapx"] + [shlex.quote(a) for a in sys.argv[1:]]))
 
@@ -147,8 +148,8 @@ def _train(config: TrainConfig) -> dict:
     c = config.resolved()
     out = Path(c.out)
     ckpt_path = out.with_name(out.name + ".ckpt")
-    train_set = data.load(c.dataset, "train", c.data_root)
-    test_set = data.load(c.dataset, "test", c.data_root)
+    train_set = data.load(c.dataset, "train", c.data_root, skip_unreadable=c.skip_unreadable)
+    test_set = data.load(c.dataset, "test", c.data_root, skip_unreadable=c.skip_unreadable)
     torch.manual_seed(c.seed)
     model = build(c.arch).to(c.device)
     # channels-last convolutions are ~20% faster on CPUs for 3-channel images; same numbers otherwise
@@ -253,6 +254,7 @@ def _train(config: TrainConfig) -> dict:
         "train_seconds": round(train_seconds, 1),
         "clean_accuracy": clean, "clean_eval_images": len(test_set),
         "robust_accuracy": robust,
+        "unreadable_skipped": {"train": train_set.skipped_record(), "test": test_set.skipped_record()},
         "robust_attack": {"norm": norm, "eps": c.eval_eps, "steps": c.eval_steps, "step_size": robust_step,
                           "random_start": False, "images": len(robust_set)},
         "torch": str(torch.__version__),
