@@ -48,8 +48,10 @@ class MethodData:
     seed: int = 0
 
     def select(self, mask: torch.Tensor) -> "MethodData":
-        """The rows ``mask`` (boolean ``(N,)`` or an index) of the images and labels."""
-        return MethodData(self.model, self.x[mask], self.y[mask], self.device, self.batch_size, self.seed)
+        """The rows ``mask`` (boolean ``(N,)`` or an index) of the images and labels (of streamed
+        images, an :class:`~uapx.image_sources.ImageRows` view that reads them where indexed)."""
+        x = self.x.rows(mask) if hasattr(type(self.x), "rows") else self.x[mask]
+        return MethodData(self.model, x, self.y[mask], self.device, self.batch_size, self.seed)
 
 
 @dataclass(kw_only=True)

@@ -157,6 +157,15 @@ class ImageRows:
             return self.images.images(slice(idx, idx + 1 if idx != -1 else None))[0]
         return self.images.images(idx)
 
+    def rows(self, idx: slice | torch.Tensor) -> "ImageRows":
+        """The rows ``idx`` (slice, index tensor or boolean mask) as another ImageRows: a view that
+        reads nothing until indexed (a class's images for a per-class UAP method)."""
+        from dataclasses import replace
+
+        sel = self.images
+        base = sel.indices[idx] if sel.indices is not None else torch.arange(len(sel))[idx]
+        return ImageRows(replace(sel, x=sel.x[idx], y=sel.y[idx], indices=base))
+
     def chunks(self, size: int) -> Any:
         """Yield float blocks of at most ``size`` images, in order."""
         for s in range(0, len(self), size):
@@ -183,6 +192,21 @@ class ImageRows:
 
     def __repr__(self) -> str:
         return f"ImageRows(shape={tuple(self.shape)}, read on demand)"
+
+
+BLOCK_BYTES = 16 << 20
+"""Float32 bytes per block that :func:`blocks` reads (about 16 MB, the streamed run's chunk size)."""
+
+
+def blocks(x: Any, rows: int | None = None) -> Any:
+    """Yield float blocks ``x[s:s + rows]`` of ``x`` ``(N, ...)`` -- a tensor or an :class:`ImageRows`
+    (a streamed run's images, read from their files only here) -- in order; ``rows`` defaults to
+    about :data:`BLOCK_BYTES` of float32 per block.  What code that must see every image iterates,
+    so that its memory does not grow with N."""
+    n = int(x.shape[0])
+    rows = rows or max(1, BLOCK_BYTES // (4 * max(1, int(torch.Size(x.shape[1:]).numel()))))
+    for s in range(0, n, rows):
+        yield x[s:s + rows]
 
 
 # -- ImageFolder trees --------------------------------------------------------------------------

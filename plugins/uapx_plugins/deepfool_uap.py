@@ -142,10 +142,12 @@ class DeepFoolUAP(UAPMethod):
         n_total = n_all if self.max_images is None else min(self.max_images, n_all)
         # this rank's share of the sample, in proportion to its images (the shares add up to n_total)
         n = (start + data.x.shape[0]) * n_total // max(n_all, 1) - start * n_total // max(n_all, 1)
-        x = data.x.to(dev)
+        # in memory: on the device once; streamed (an ImageRows): read where indexed, never all at once
+        x = data.x.to(dev) if isinstance(data.x, torch.Tensor) else data.x
         v = torch.zeros(1, *x.shape[1:], device=dev)
         with torch.no_grad():
-            clean = model(x).argmax(1)
+            clean = torch.cat([model(x[s:s + data.batch_size].to(dev)).argmax(1)
+                               for s in range(0, x.shape[0], data.batch_size)])
         history = []
         for p in range(self.passes):
             order = torch.randperm(x.shape[0], generator=g)[:n]
@@ -154,7 +156,7 @@ class DeepFoolUAP(UAPMethod):
             for i in tqdm(order.tolist() if self.batch is None else [],
                           desc=f"deepfool-uap eps {eps:g} pass {p + 1}", leave=False, unit="img",
                           disable=not distributed.is_main()):
-                xi = x[i:i + 1]
+                xi = x[i:i + 1].to(dev)
                 with torch.no_grad():
                     fooled = int(model((xi + v).clamp(0, 1)).argmax(1)) != int(clean[i])
                 if fooled:
@@ -167,7 +169,7 @@ class DeepFoolUAP(UAPMethod):
                 v = project_l2(v, eps)
                 v = distributed.broadcast_(v.contiguous())
             with torch.no_grad():
-                fooled = torch.cat([clean[:0]] + [model((x[s:s + data.batch_size] + v).clamp(0, 1)).argmax(1)
+                fooled = torch.cat([clean[:0]] + [model((x[s:s + data.batch_size].to(dev) + v).clamp(0, 1)).argmax(1)
                                                   for s in range(0, x.shape[0], data.batch_size)]).ne(clean)
             rate = distributed.all_reduce_scalar(float(fooled.sum())) / max(n_all, 1)  # over every rank's images
             history.append(rate)
@@ -179,8 +181,8 @@ class DeepFoolUAP(UAPMethod):
         """One pass of the batched variant over the images ``order``; returns the new ``v``."""
         with tqdm(total=order.numel(), desc=desc, leave=False, unit="img", disable=not distributed.is_main()) as bar:
             for s in range(0, order.numel(), self.batch):
-                idx = order[s:s + self.batch].to(x.device)
-                xb = (x[idx] + v).clamp(0, 1)
+                idx = order[s:s + self.batch]  # CPU indices: an ImageRows reads these rows
+                xb = (x[idx].to(v.device) + v).clamp(0, 1)
                 with torch.no_grad():
                     todo = model(xb).argmax(1) == clean[idx]
                 if todo.any():

@@ -17,7 +17,10 @@ and class-specific UAPs).  Numbers:
 Under torchrun the class means come from all-reduced per-class sums and counts, and the principal
 subspace from the all-reduced d x d covariance (``d <= 4096``) or, for larger images, from the
 distributed randomized SVD (:func:`uapx.linalg.randomized_svd`); the N x d image matrix is never
-gathered.
+gathered.  The images are read in blocks of about 16 MB (:func:`uapx.image_sources.blocks`), so a
+streamed run (images read from their files) never holds them all: memory is the per-class sums
+(classes x d) and the d x d covariance, or for larger images the randomized SVD's N x l and d x l
+sketches (l = components + 10).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 
 import uapx
 from uapx import distributed
+from uapx.image_sources import blocks
 from uapx.diagnostics import Diagnostic, DiagnosticResult
 from uapx.stats import mean_se
 from uapx.linalg import gram, randomized_svd
@@ -36,15 +40,21 @@ above it, from the randomized SVD."""
 
 
 def class_mean_differences(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> dict[int, torch.Tensor]:
-    """``{c: mean(x[y == c]) - mean(x)}``, each ``(d,)``, for every class present; x ``(N, C, H, W)``.
+    """``{c: mean(x[y == c]) - mean(x)}``, each ``(d,)``, for every class present; x ``(N, C, H, W)``
+    (a tensor or an :class:`~uapx.image_sources.ImageRows`, read block by block).
 
     Under torch.distributed, over every rank's images (per-class sums and counts are all-reduced;
     ``num_classes``, by default one more than the largest label on any rank, sizes them)."""
-    flat = x.reshape(x.shape[0], -1).double()
+    d = int(torch.Size(x.shape[1:]).numel())
     if num_classes is None:
         top = int(y.max()) if y.numel() else -1
         num_classes = int(distributed.all_reduce_scalar(top, "max")) + 1
-    sums = torch.zeros(num_classes, flat.shape[1], dtype=torch.float64).index_add_(0, y.long(), flat)
+    sums = torch.zeros(num_classes, d, dtype=torch.float64)
+    start = 0
+    for block in blocks(x):
+        m = block.shape[0]
+        sums.index_add_(0, y[start:start + m].long(), block.reshape(m, -1).double())
+        start += m
     counts = torch.bincount(y.long(), minlength=num_classes).double()
     distributed.all_reduce_(sums)
     distributed.all_reduce_(counts)
@@ -54,29 +64,29 @@ def class_mean_differences(x: torch.Tensor, y: torch.Tensor, num_classes: int | 
 
 def principal_subspace(x: torch.Tensor, k: int, *, max_gram_dim: int = GRAM_MAX_DIM, seed: int = 0) -> torch.Tensor:
     """Top-``k`` principal directions of the images (the centred rows), ``(k, d)`` orthonormal rows,
-    float64; under torch.distributed, of every rank's images.
+    float64; under torch.distributed, of every rank's images.  ``x`` ``(N, C, H, W)`` is a tensor or
+    an :class:`~uapx.image_sources.ImageRows` (a streamed run's images), read block by block.
 
     ``d <= max_gram_dim``: eigenvectors of the covariance ``sum (x - mu)(x - mu)^T`` (d x d,
-    float64, summed over ranks), exact.  Larger ``d``: in one process the exact SVD of the centred
-    ``(N, d)`` matrix; under torch.distributed randomized subspace iteration on the row blocks
-    (:func:`uapx.linalg.randomized_svd`, centred, ``seed``), re-orthonormalised in float64.
-    Directions have no sign.
+    float64, summed over ranks), exact.  Larger ``d``: for an in-memory tensor in one process the
+    exact SVD of the centred ``(N, d)`` matrix; else (streamed images, or torch.distributed)
+    randomized subspace iteration on the row blocks (:func:`uapx.linalg.randomized_svd`, centred,
+    ``seed``), re-orthonormalised in float64.  Directions have no sign.
     """
-    flat = x.reshape(x.shape[0], -1)
-    d = flat.shape[1]
+    d = int(torch.Size(x.shape[1:]).numel())
 
     def chunks():
-        return flat.split(4096)
+        return (b.reshape(b.shape[0], -1) for b in blocks(x))
 
     if d <= max_gram_dim:
         g, s, n = gram(chunks(), d)
         mu = s / max(n, 1)
         _, evecs = torch.linalg.eigh(g - n * torch.outer(mu, mu))  # ascending eigenvalues
         return evecs.flip(1)[:, :k].T.contiguous()
-    if not distributed.active():
-        centred = flat.double() - flat.double().mean(0)
-        return torch.linalg.svd(centred, full_matrices=False)[2][:k]
-    res = randomized_svd(chunks, flat.shape[0], d, k, oversample=10, power_iters=4, center=True, seed=seed)
+    if not distributed.active() and isinstance(x, torch.Tensor):  # in memory already: exact
+        flat = x.reshape(x.shape[0], -1).double()
+        return torch.linalg.svd(flat - flat.mean(0), full_matrices=False)[2][:k]
+    res = randomized_svd(chunks, int(x.shape[0]), d, k, oversample=10, power_iters=4, center=True, seed=seed)
     return torch.linalg.qr(res.V.double().T).Q.T.contiguous()
 
 
