@@ -47,7 +47,9 @@ def test_analyze_embedded_default_writes_a_complete_report(small_report):
     assert {"report.json", "index.html", "uaps.pt"} <= files
     rep = json.loads((small_report / "report.json").read_text())
     assert rep["config"]["model"] == "zoo:mnist-natural" and rep["config"]["seed"] == 0
-    assert rep["data"]["source"] == "embedded MNIST test split" and rep["data"]["n_images"] == 60
+    # one split (the embedded MNIST test split): the sample of 60 is halved, fit on 30, judged on 30
+    assert rep["data"]["source"] == "embedded MNIST test split" and rep["data"]["n_images"] == 30
+    assert rep["uaps"]["held_out"]["n_images"] == 30 and rep["uaps"]["held_out"]["protocol"] == "sample"
     assert rep["environment"]["torch"] == torch.__version__
     # every perturbation respects the budget
     assert rep["attack"]["perturbation_norm"]["max"] <= 2.0 + 1e-4
@@ -105,7 +107,7 @@ def test_plugin_settings_reach_the_plugin(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     glob = [k for k in rep["uaps"]["evaluations"] if ":class-" not in k]
     assert glob == ["svd:v1", "svd:v2"]
-    assert rep["uaps"]["evaluations"]["svd:v1"]["method"] == "SVDUAP(k=2, center=True, solver='gram', per_class=True)"
+    assert rep["uaps"]["evaluations"]["svd:v1"]["method"] == "SVDUAP(k=2, center=True, solver='gram', per_class=True, norm='l2')"
 
 
 def test_saved_uaps_apply_to_another_run_and_transfer(small_report, tmp_path, capsys):
@@ -120,9 +122,13 @@ def test_saved_uaps_apply_to_another_run_and_transfer(small_report, tmp_path, ca
                           "--n-samples", "60", "--out", str(out))
     assert code == 0 and "svd:v1" in stdout and "random" in stdout
     applied = json.loads(out.read_text())
-    # the same UAPs on the same images and model: the same numbers as the report
+    # the same UAPs on the same 60 images and model (the sample: 30 fit images and 30 held out): the
+    # report's numbers, pooled
     for name in ("average", "svd:v1"):
-        assert applied["evaluations"][name]["fooling_rate"] == rep["uaps"]["evaluations"][name]["fooling_rate"]
+        for sign in ("plus", "minus"):
+            fit, held = rep["uaps"]["evaluations"][name][sign], rep["uaps"]["held_out"]["evaluations"][name][sign]
+            pooled = (fit["fooling_rate"] * fit["n"] + held["fooling_rate"] * held["n"]) / (fit["n"] + held["n"])
+            assert applied["evaluations"][name][sign]["fooling_rate"] == pytest.approx(pooled)
     code, _, err = run(capsys, "apply", str(small_report / "uaps.pt"), "--only", "nope")
     assert code == 2 and "no UAP named 'nope'" in err
 
@@ -133,8 +139,9 @@ def test_transfer_to_another_model(tmp_path, monkeypatch):
                  "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     t = rep["uaps"]["transfer"]["zoo:mnist-natural"]
-    # transferring to the very same model reproduces the model's own numbers
-    assert t["evaluations"]["average"]["fooling_rate"] == rep["uaps"]["evaluations"]["average"]["fooling_rate"]
+    # transferring to the very same model reproduces the model's own numbers (on the held-out images)
+    held = rep["uaps"]["held_out"]
+    assert t["evaluations"]["average"]["fooling_rate"] == held["evaluations"]["average"]["fooling_rate"]
     assert set(t["evaluations"]) == {"average"}
 
 

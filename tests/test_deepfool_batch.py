@@ -26,13 +26,41 @@ def _pset(x, y):
     return PerturbationSet(torch.zeros(n, x[0].numel()), y, y, y, tuple(x.shape[1:]), 4.0, "l2", "m", {})
 
 
-def test_batched_deepfool_is_per_image_deepfool(mnist):
-    from uapx_plugins.deepfool_uap import deepfool, deepfool_batch
+def reference_deepfool(model, x, *, norm="l2", max_iter=10, overshoot=0.02, num_candidates=10):
+    """Textbook DeepFool for one image ``(1, C, H, W)``, one gradient at a time (Moosavi-Dezfooli et
+    al. 2016, Algorithm 2; p = 2, or p = inf with the l1 dual norm and sign steps)."""
+    with torch.no_grad():
+        logits = model(x)[0]
+    orig = int(logits.argmax())
+    cands = [int(k) for k in logits.argsort(descending=True)[:num_candidates] if int(k) != orig]
+    r = torch.zeros_like(x)
+    for _ in range(max_iter):
+        xi = ((x + (1 + overshoot) * r).clamp(0, 1)).detach().requires_grad_(True)
+        out = model(xi)[0]
+        if int(out.argmax()) != orig:
+            break
+        g0 = torch.autograd.grad(out[orig], xi, retain_graph=True)[0].flatten()
+        best = None
+        for k in cands:
+            w = torch.autograd.grad(out[k], xi, retain_graph=True)[0].flatten() - g0
+            dual = float(w.norm()) if norm == "l2" else float(w.abs().sum())
+            dist = abs(float((out[k] - out[orig]).detach())) / dual
+            if best is None or dist < best[0]:
+                best = (dist, w, dual)
+        dist, w, dual = best
+        unit = w / dual if norm == "l2" else w.sign()
+        r = r + ((dist + 1e-4) * unit).view_as(x)
+    return (1 + overshoot) * r
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_batched_deepfool_is_per_image_deepfool(mnist, norm):
+    from uapx_plugins.deepfool_uap import deepfool_batch
 
     model, x, _ = mnist
     xb = x[:12]
-    batched = deepfool_batch(model, xb, max_iter=10)
-    single = torch.cat([deepfool(model, xb[i:i + 1], max_iter=10) for i in range(12)])
+    batched = deepfool_batch(model, xb, max_iter=10, norm=norm)
+    single = torch.cat([reference_deepfool(model, xb[i:i + 1], norm=norm) for i in range(12)])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
     with torch.no_grad():  # and each perturbation does what DeepFool promises: the prediction changes
         changed = model((xb + batched).clamp(0, 1)).argmax(1) != model(xb).argmax(1)

@@ -275,7 +275,7 @@ def test_rsvd_plugin_per_class_and_settings():
     d = torch.randn(90, 16, generator=g) @ torch.randn(16, 16, generator=g)
     labels = torch.arange(90) % 3
     assert repr(rsvd_method()) == ("RandomizedSVDUAP(k=5, oversample=10, power_iters=2, center=False, "
-                                   "single_pass=False, seed=0, per_class=True)")
+                                   "single_pass=False, seed=0, per_class=True, norm=None)")
     method = rsvd_method(k=3, oversample=13, center=True)  # k + oversample = d: the sketch spans all of A
     uaps = method(make_set(d, labels), eps=[0.5, 1.0])
     names = {u.name for u in uaps}

@@ -69,4 +69,4 @@ def test_svd_recovers_a_planted_direction():
 
 
 def test_repr_names_the_settings():
-    assert repr(method("svd", k=3, center=True)) == "SVDUAP(k=3, center=True, solver='gram', per_class=True)"
+    assert repr(method("svd", k=3, center=True)) == "SVDUAP(k=3, center=True, solver='gram', per_class=True, norm=None)"

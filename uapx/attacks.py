@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import norms, ops
 from .defaults import check_eps, default_step_size
 from .errors import UapxError
 from .settings import Configurable
@@ -86,8 +86,8 @@ def _l2_step_(xa: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, step_size:
 
 
 def _linf_step_(xa: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, step_size: float, eps: float) -> torch.Tensor:
-    """Signed-gradient step, projection onto the Linf ball and the [0, 1] box."""
-    return torch.min(torch.max(xa + step_size * grad.sign(), x0 - eps), x0 + eps).clamp_(0.0, 1.0)
+    """Signed-gradient step, projection onto the Linf ball (:mod:`uapx.norms`) and the [0, 1] box."""
+    return (x0 + norms.project(xa + norms.steepest(grad, step_size, "linf") - x0, eps, "linf")).clamp_(0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -225,19 +225,25 @@ class Attack(Configurable, ABC):
 
 class PGD(Attack):
     """Projected gradient descent in the attack's ``norm`` (:func:`pgd_trajectory`); the step size
-    defaults to :func:`uapx.defaults.default_step_size`."""
+    defaults to :func:`uapx.defaults.default_step_size`.  With ``target_class=C`` the attack is
+    targeted: every image descends the loss of class ``C`` (its label is ignored)."""
 
-    def __init__(self, *, eps: float, steps: int, step_size: float | None = None, random_start: bool = False) -> None:
+    def __init__(self, *, eps: float, steps: int, step_size: float | None = None, random_start: bool = False,
+                 target_class: int | None = None) -> None:
         if step_size is None:
             step_size = default_step_size(eps, steps)
         check_budget(eps, steps, step_size)
         check_eps(self.norm, float(eps))
         self.eps, self.steps, self.step_size, self.random_start = float(eps), int(steps), float(step_size), random_start
+        self.target_class = norms.check_target_class(target_class)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, record: bool | torch.Tensor = False,
                  generator: torch.Generator | None = None, random_start: bool | None = None,
                  record_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, Trajectory | None]:
         start = self.random_start if random_start is None else random_start
+        targeted = self.target_class is not None
+        if targeted:
+            y = torch.full_like(y, self.target_class)
         return pgd_trajectory(model, x, y, norm=self.norm, eps=self.eps, steps=self.steps,
-                              step_size=self.step_size, random_start=start, record=record,
+                              step_size=self.step_size, random_start=start, targeted=targeted, record=record,
                               generator=generator, record_dir=record_dir)

@@ -106,8 +106,10 @@ def _add_model_args(p: argparse.ArgumentParser, owner, zoo_names: list[str]) -> 
              "model; without it the class folders of a 1000-output model that are ImageNet wnids (n01440764, ...) "
              "get their ImageNet indices, other folders 0..C-1 in sorted order", type=argtypes.input_path,
              metavar="FILE", shown="wnids or sorted order")
-    _opt(p, owner, "split", "data split (val: imagefolder only; test falls back to val there)",
-         choices=["train", "val", "test"])
+    _opt(p, owner, "split", "data split (val: imagefolder only; test falls back to val there)" + (
+         "; analyze fits the UAPs on it" if owner is AnalyzeConfig_() else ""), choices=["train", "val", "test"],
+         **({"shown": "analyze: train where the data set has one, else --eval-split; attack: test"}
+            if owner is AnalyzeConfig_() else {}))
 
 
 def AnalyzeConfig_():  # noqa: N802 - the class, imported late (cli loads fast)
@@ -121,12 +123,15 @@ def _add_attack_args(p: argparse.ArgumentParser, attacks: list[str]) -> None:
     from .pipeline import AnalyzeConfig as A
 
     _opt(p, A, "attack", f"attack plugin ({', '.join(attacks) or 'see uapx plugins'})")
-    _opt(p, A, "eps", "perturbation budget (norm of the attack)", type=argtypes.positive,
+    _opt(p, A, "eps", "perturbation budget (norm of the attack); analyze: a comma-separated list (e.g. 1,2,4) "
+         "runs one attack per eps and reports every figure against eps", type=argtypes.eps_values,
          shown="per norm and data set: " + defaults.described())
     _opt(p, A, "steps", "PGD steps", type=argtypes.whole(1))
     _opt(p, A, "step_size", "PGD step size", type=argtypes.positive, shown="2.5*eps/steps")
     _opt(p, A, "n_samples", "images to attack, a seeded random subset, or 'all'", type=argtypes.count_or_all)
     _opt(p, A, "batch_size", "attack batch size", type=argtypes.whole(1))
+    _opt(p, A, "target_class", "targeted: push every image to class C (the attack descends C's loss; the UAPs and "
+         "their targeted success rate aim at C)", type=argtypes.whole(0), metavar="C", shown="none (untargeted)")
 
 
 def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
@@ -148,16 +153,20 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
     _add_common_model_args(a, A)
     _add_model_args(a, A, zoo_names)
     _add_attack_args(a, attacks)
+    _opt(a, A, "norm", "the UAPs' ball: l2 (directions scaled to norm eps) or linf (eps * sign of each direction; "
+         "sgd-uap and deepfool-uap step and project in Linf)", choices=["l2", "linf"], shown="the attack's norm")
     _opt(a, A, "plugins", "comma-separated UAP methods and diagnostics (see 'uapx plugins')", type=argtypes.names)
     _opt(a, A, "k", "directions per SVD-type method", type=argtypes.whole(1))
     _opt(a, A, "random_draws", "random directions of the same norm drawn for the baseline", type=argtypes.whole(1))
     _opt(a, A, "trajectory_samples", "images whose PGD trajectories are recorded for trajectory diagnostics",
          type=argtypes.whole(1))
-    _opt(a, A, "eval_split", "held-out evaluation: also evaluate the UAPs on images of this split (not the "
-         "--split they are fitted on), e.g. --split train --eval-split test", choices=["train", "val", "test"],
-         shown="none (in-sample only)")
-    _opt(a, A, "eval_n_samples", "held-out images, a seeded class-stratified draw", type=argtypes.whole(1),
-         shown="as many as --n-samples")
+    from .pipeline import HELD_OUT
+
+    _opt(a, A, "eval_split", "the split of the held-out images the UAPs are judged on (the report's figure; "
+         "in-sample rates beside it). " + HELD_OUT.replace("eval_n_samples", "--eval-n-samples").replace(
+             "n_samples", "--n-samples").replace("%", "%%"), choices=["train", "val", "test"])
+    _opt(a, A, "eval_n_samples", "held-out images (see --eval-split)", type=argtypes.whole(1),
+         shown="as many as --n-samples from another split; half of the sample from the fit split")
     _opt(a, A, "eval_precision", "arithmetic of the UAP evaluation: auto = bfloat16 where the CPU/GPU has it and "
          "its predictions agree with float32 on >= 99.9%% of the checked images, else float32",
          choices=["auto", "float32", "bfloat16"])

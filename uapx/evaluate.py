@@ -1,8 +1,11 @@
 """Evaluation of universal perturbations: fooling rate, accuracy under x + v and x - v,
-random directions of equal norm as the baseline, per-class breakdown.
+random directions of equal norm as the baseline, per-class breakdown, and for targeted UAPs the
+targeted success rate.
 
 The fooling verdict lives here and only here: a perturbed image is ``clamp(x + v, 0, 1)`` and it
-fools the model when the prediction differs from the clean prediction.
+fools the model when the prediction differs from the clean prediction.  A targeted UAP (one with
+a ``target_class`` C) succeeds on an image when the perturbed prediction is C; its targeted
+success rate counts the images whose clean prediction is not already C.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .methods import UAP
+from .norms import check_norm, steepest
 from .stats import wilson
 
 
@@ -46,16 +50,28 @@ class SignEffect:
     pushed_to: list[float]  # fraction of changed predictions landing in each class
     n: int = 0  # images evaluated
     fooling_wilson95: tuple[float, float] = (float("nan"), float("nan"))  # Wilson 95 % interval of fooling_rate
+    targeted_success: float | None = None  # targeted UAPs: share of images not clean-classified C sent to C
+    targeted_n: int = 0  # the images that share counts (clean prediction not C)
+    targeted_wilson95: tuple[float, float] | None = None  # its Wilson 95 % interval
 
     @classmethod
-    def measure(cls, pred: torch.Tensor, clean_pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> "SignEffect":
+    def measure(cls, pred: torch.Tensor, clean_pred: torch.Tensor, y: torch.Tensor, num_classes: int,
+                target: int | None = None) -> "SignEffect":
+        """The effect of the predictions ``pred`` ``(N,)`` against ``clean_pred`` and labels ``y``
+        (``(N,)`` each); with ``target``, also the targeted success rate towards class ``target``."""
         fooled = pred != clean_pred
         per_class = {int(c): float(fooled[y == c].double().mean()) for c in y.unique()}
         hist = torch.bincount(pred[fooled], minlength=num_classes).float()
         pushed = (hist / hist.sum()).tolist() if hist.sum() > 0 else [0.0] * num_classes
         k, n = int(fooled.sum()), int(fooled.numel())
-        return cls(float((pred == y).double().mean()), float(fooled.double().mean()), per_class, pushed, n,
-                   wilson(k, n))
+        eff = cls(float((pred == y).double().mean()), float(fooled.double().mean()), per_class, pushed, n,
+                  wilson(k, n))
+        if target is not None:
+            eligible = clean_pred != target
+            kt, nt = int((pred[eligible] == target).sum()), int(eligible.sum())
+            eff.targeted_success = kt / nt if nt else float("nan")
+            eff.targeted_n, eff.targeted_wilson95 = nt, wilson(kt, nt)
+        return eff
 
 
 @dataclass
@@ -72,6 +88,8 @@ class UAPEvaluation:
     on_class_fooling: float | None = None
     off_class_fooling: float | None = None
     meta: dict = field(default_factory=dict)
+    norm: str = "l2"
+    target_class: int | None = None
 
     @property
     def best(self) -> SignEffect:
@@ -86,6 +104,9 @@ class UAPEvaluation:
         d["fooling_rate"] = self.best.fooling_rate
         d["fooling_rate_wilson95"] = list(self.best.fooling_wilson95)
         d["accuracy"] = self.best.accuracy
+        if self.target_class is not None:
+            d["targeted_success"] = self.best.targeted_success
+            d["targeted_success_wilson95"] = list(self.best.targeted_wilson95 or ())
         return d
 
 
@@ -93,8 +114,9 @@ def evaluate_uap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uap: UAP, *
                  num_classes: int, batch_size: int = 500, device: str = "cpu") -> UAPEvaluation:
     """Apply ``uap`` as +v and -v to ``x`` ``(N, C, H, W)`` with labels ``y`` ``(N,)``.
 
-    For a signless UAP (singular vectors) the sign with the higher fooling rate is kept; for
-    others the +v effect is the UAP's effect and -v is reported beside it.
+    For a signless UAP (singular vectors) the sign with the higher fooling rate (targeted UAPs:
+    targeted success rate) is kept; for others the +v effect is the UAP's effect and -v is
+    reported beside it.
     """
     v = uap.vector.reshape(x.shape[1:])
     preds = [predict(model, x, batch_size=batch_size, device=device, v=s * v) for s in (1.0, -1.0)]
@@ -102,12 +124,16 @@ def evaluate_uap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uap: UAP, *
 
 
 def uap_evaluation(uap: UAP, pred_plus: torch.Tensor, pred_minus: torch.Tensor, *, clean_pred: torch.Tensor,
-                   y: torch.Tensor, num_classes: int) -> UAPEvaluation:
-    """The :class:`UAPEvaluation` of ``uap`` from the predictions ``(N,)`` under +v and -v."""
-    effects = [SignEffect.measure(p, clean_pred, y, num_classes) for p in (pred_plus, pred_minus)]
-    sign = -1 if uap.signless and effects[1].fooling_rate > effects[0].fooling_rate else 1
+                   y: torch.Tensor, num_classes: int, sign: int | None = None) -> UAPEvaluation:
+    """The :class:`UAPEvaluation` of ``uap`` from the predictions ``(N,)`` under +v and -v; ``sign``
+    (+1/-1) fixes the sign reported (held-out images keep the sign chosen on the fit images)."""
+    target = getattr(uap, "target_class", None)
+    effects = [SignEffect.measure(p, clean_pred, y, num_classes, target) for p in (pred_plus, pred_minus)]
+    if sign is None:
+        score = [e.fooling_rate if target is None else e.targeted_success for e in effects]
+        sign = -1 if uap.signless and score[1] > score[0] else 1
     ev = UAPEvaluation(uap.name, uap.eps, effects[0], effects[1], sign, uap.source_class, uap.method,
-                       meta=dict(uap.meta))
+                       meta=dict(uap.meta), norm=getattr(uap, "norm", "l2"), target_class=target)
     if uap.source_class is not None:
         best = ev.best.per_class_fooling
         on = best.get(uap.source_class)
@@ -119,46 +145,68 @@ def uap_evaluation(uap: UAP, pred_plus: torch.Tensor, pred_minus: torch.Tensor, 
 
 def random_baseline(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, clean_pred: torch.Tensor,
                     num_classes: int, draws: int = 5, seed: int = 0, batch_size: int = 500,
-                    device: str = "cpu") -> dict:
-    """Fooling rate and accuracy under random directions of L2 norm ``eps`` (Gaussian, normalised).
+                    device: str = "cpu", norm: str = "l2", target: int | None = None) -> dict:
+    """Fooling rate and accuracy (and, with ``target``, targeted success rate) under random
+    directions of size ``eps`` in ``norm`` (:func:`random_directions`).
 
     Returns mean, standard deviation, min and max over ``draws`` directions.
     """
-    vs = random_directions(x.shape[1:], eps, draws=draws, seed=seed)
+    vs = random_directions(x.shape[1:], eps, draws=draws, seed=seed, norm=norm)
     preds = [predict(model, x, batch_size=batch_size, device=device, v=v) for v in vs]
-    return baseline_stats(eps, preds, clean_pred=clean_pred, y=y, num_classes=num_classes)
+    return baseline_stats(eps, preds, clean_pred=clean_pred, y=y, num_classes=num_classes, norm=norm, target=target)
 
 
-def random_directions(shape: tuple[int, ...] | torch.Size, eps: float, *, draws: int, seed: int) -> torch.Tensor:
-    """``(draws, *shape)`` Gaussian directions scaled to L2 norm ``eps`` (the same draws for every eps)."""
+def random_directions(shape: tuple[int, ...] | torch.Size, eps: float, *, draws: int, seed: int,
+                      norm: str = "l2") -> torch.Tensor:
+    """``(draws, *shape)`` random directions of size ``eps`` in ``norm``, made from Gaussian draws
+    the way a UAP is made from a direction (:func:`uapx.norms.steepest`): scaled to L2 norm ``eps``,
+    or ``eps * sign`` (a uniformly random vertex of the Linf ball).  The same draws for every eps."""
+    check_norm(norm)
     g = torch.Generator().manual_seed(seed)
     vs = [torch.randn(shape, generator=g) for _ in range(draws)]
-    return torch.stack([v * (eps / v.norm()) for v in vs]) if vs else torch.empty(0, *shape)
+    return torch.stack([steepest(v.reshape(-1), eps, norm).reshape(shape) for v in vs]) if vs \
+        else torch.empty(0, *shape)
+
+
+def baseline_key(eps: float, norm: str = "l2", target: int | None = None) -> str:
+    """The key of a random baseline in ``random_baseline`` sections: ``"2"`` (L2, untargeted),
+    ``"0.3:linf"``, ``"0.3:linf:target-3"``."""
+    return f"{eps:g}" + ("" if norm == "l2" else f":{norm}") + ("" if target is None else f":target-{target}")
 
 
 def baseline_stats(eps: float, preds: list[torch.Tensor] | torch.Tensor, *, clean_pred: torch.Tensor,
-                   y: torch.Tensor, num_classes: int) -> dict:
-    """Mean, sd, min and max fooling rate and accuracy over the predictions ``(N,)`` of each draw."""
-    fool, acc, k, n = [], [], 0, 0
+                   y: torch.Tensor, num_classes: int, norm: str = "l2", target: int | None = None) -> dict:
+    """Mean, sd, min and max fooling rate and accuracy over the predictions ``(N,)`` of each draw
+    (pooled Wilson interval beside them); with ``target``, the same of the targeted success rate."""
+    fool, acc, hit, k, n, kt, nt = [], [], [], 0, 0, 0, 0
     for p in preds:
-        eff = SignEffect.measure(p, clean_pred, y, num_classes)
+        eff = SignEffect.measure(p, clean_pred, y, num_classes, target)
         fool.append(eff.fooling_rate)
         acc.append(eff.accuracy)
         k, n = k + round(eff.fooling_rate * eff.n), n + eff.n
+        if target is not None:
+            hit.append(eff.targeted_success)
+            kt, nt = kt + round(eff.targeted_success * eff.targeted_n), nt + eff.targeted_n
 
     def stats(vals: list[float]) -> dict:
         m = sum(vals) / len(vals)
         sd = math.sqrt(sum((a - m) ** 2 for a in vals) / max(len(vals) - 1, 1))
         return {"mean": m, "std": sd, "min": min(vals), "max": max(vals)}
 
-    return {"eps": eps, "draws": len(fool), "fooling_rate": {**stats(fool), "wilson95": list(wilson(k, n))},
-            "accuracy": stats(acc)}
+    out = {"eps": eps, "draws": len(fool), "fooling_rate": {**stats(fool), "wilson95": list(wilson(k, n))},
+           "accuracy": stats(acc)}
+    if norm != "l2":
+        out["norm"] = norm
+    if target is not None and hit:
+        out["target_class"] = int(target)
+        out["targeted_success"] = {**stats(hit), "wilson95": list(wilson(kt, nt))}
+    return out
 
 
 def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list[UAP], *, num_classes: int,
                   draws: int = 5, seed: int = 0, batch_size: int = 500, device: str = "cpu",
                   clean_pred: torch.Tensor | None = None, precision: str = "float32", compile: bool = False,
-                  progress: bool = True) -> tuple[dict[str, UAPEvaluation], dict]:
+                  progress: bool = True, signs: dict[str, int] | None = None) -> tuple[dict[str, UAPEvaluation], dict]:
     """Evaluate every UAP on ``(x, y)`` and the random baseline at each eps they use.
 
     Every perturbation (+v and -v of each UAP, the random draws) goes through one batched
@@ -168,9 +216,13 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
     the device supports it *and* its predictions agree with float32 on at least 99.9 % of the
     clean images and of the first UAP's +v and -v images (computed in both), else float32
     (``"bfloat16"`` warns when it falls back).  ``batch_size`` is only used for the clean
-    predictions when they are not given.
+    predictions when they are not given.  ``signs`` (UAP name -> +1/-1) fixes the sign reported
+    for those UAPs instead of choosing it on these images (held-out evaluation).
 
-    Returns ``(evaluations by UAP name, {"clean_accuracy", "random_baseline": {eps: baseline},
+    The random directions have each UAP's size, norm and target: one set of ``draws`` per
+    ``(eps, norm, target)`` the UAPs use, keyed by :func:`baseline_key`.
+
+    Returns ``(evaluations by UAP name, {"clean_accuracy", "random_baseline": {key: baseline},
     "evaluation": {"precision", "bf16_agreement", ...}})``.
     """
     from . import inference
@@ -182,9 +234,10 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
     if clean_pred is None:
         clean_pred = predict(model, x, batch_size=batch_size, device=device)
     shape = x.shape[1:]
-    eps_list = sorted({u.eps for u in uaps})
+    balls = sorted({(u.eps, getattr(u, "norm", "l2"), getattr(u, "target_class", None)) for u in uaps},
+                   key=lambda b: (b[0], b[1], -1 if b[2] is None else b[2]))
     stacks = [torch.stack([s * u.vector.reshape(shape).float() for u in uaps for s in (1.0, -1.0)])] if uaps else []
-    stacks += [random_directions(shape, e, draws=draws, seed=seed) for e in eps_list]
+    stacks += [random_directions(shape, e, draws=draws, seed=seed, norm=nm) for e, nm, _ in balls]
     vs = torch.cat(stacks) if stacks else torch.empty(0, *shape)
     n_all = int(clean_pred.shape[0])
     info: dict = {"precision": "float32", "rows_per_forward": inference.rows_per_forward(shape),
@@ -214,11 +267,13 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
         preds[done:] = inference.predict_many(model, x, vs[done:], bf16=info["precision"] == "bfloat16", bar=bar,
                                               **run)
     evals = {u.name: uap_evaluation(u, preds[2 * i], preds[2 * i + 1], clean_pred=clean_pred, y=y,
-                                    num_classes=num_classes) for i, u in enumerate(uaps)}
+                                    num_classes=num_classes, sign=(signs or {}).get(u.name))
+             for i, u in enumerate(uaps)}
     start = 2 * len(uaps)
     baselines = {}
-    for j, e in enumerate(eps_list):
-        baselines[f"{e:g}"] = baseline_stats(e, preds[start + j * draws:start + (j + 1) * draws], clean_pred=clean_pred,
-                                             y=y, num_classes=num_classes)
+    for j, (e, nm, t) in enumerate(balls):
+        baselines[baseline_key(e, nm, t)] = baseline_stats(e, preds[start + j * draws:start + (j + 1) * draws],
+                                                           clean_pred=clean_pred, y=y, num_classes=num_classes,
+                                                           norm=nm, target=t)
     return evals, {"clean_accuracy": float((clean_pred == y).double().mean()), "random_baseline": baselines,
                    "evaluation": info}

@@ -4,9 +4,16 @@ A method is configured in its constructor (keyword-only) and called with data::
 
     uaps = SVDMethod(k=5)(pset, eps=[1.0, 2.0])   # one call, many eps
 
-The base class owns what every method must get right: the eps sweep, scaling each direction
-onto the eps-sphere (so a plugin cannot overstate its budget), class-specific variants and
-naming.  Subclasses implement :meth:`UAPMethod.directions` only.
+The base class owns what every method must get right: the eps sweep, turning each direction
+into a UAP on the eps-sphere of the run's norm (so a plugin cannot overstate its budget),
+class-specific variants and naming.  Subclasses implement :meth:`UAPMethod.directions` only.
+
+Norms (:mod:`uapx.norms`): a method's ``norm`` setting (``"l2"`` or ``"linf"``; default: the
+perturbation set's, i.e. the attack's) is the UAP's ball.  A set-based direction ``w`` becomes the
+point of the eps-ball that maximises ``<w, v>``: ``eps * w / ||w||_2`` (L2) or ``eps * sign(w)``
+(Linf); a model-based method's optimum, already inside the ball, is scaled along itself onto the
+sphere.  Targets: a UAP's ``target_class`` is the method's (model-based methods that take one)
+or, for set-based methods, the target of the targeted attack that made the perturbations.
 """
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from typing import ClassVar, Sequence
 import torch
 
 from . import contract
+from .errors import UapxError
+from .norms import check_norm, onto_sphere, size, steepest
 from .analysis import MethodData  # noqa: F401  (re-exported: uapx.methods.MethodData)
 from .perturbations import PerturbationSet
 from .settings import Configurable
@@ -33,15 +42,17 @@ class Direction:
 
 @dataclass
 class UAP:
-    """A universal perturbation of L2 norm ``eps``.
+    """A universal perturbation of size ``eps`` in ``norm``.
 
     Attributes:
         name: unique in a run, e.g. ``"svd:v1"``, ``"average:class-3"``.
-        vector: ``(C, H, W)`` perturbation with ``||vector||_2 == eps``.
+        vector: ``(C, H, W)`` perturbation with ``||vector|| == eps`` in ``norm``.
         method: the repr of the method that made it.
-        eps: its norm.
+        eps: its size.
         source_class: for class-specific UAPs, the class whose perturbations made it.
         signless: evaluate both signs and keep the better one.
+        norm: ``"l2"`` or ``"linf"``, the ball it lies on.
+        target_class: the class it pushes every image to (targeted UAPs), else None.
     """
 
     name: str
@@ -52,10 +63,13 @@ class UAP:
     signless: bool = False
     meta: dict = field(default_factory=dict)
     tag: str = ""  # the direction's tag within its method, e.g. "v1"
+    norm: str = "l2"
+    target_class: int | None = None
 
     def __repr__(self) -> str:
         cls = "" if self.source_class is None else f", source_class={self.source_class}"
-        return f"UAP({self.name!r}, shape={tuple(self.vector.shape)}, eps={self.eps:g}{cls})"
+        cls += "" if self.target_class is None else f", target_class={self.target_class}"
+        return f"UAP({self.name!r}, shape={tuple(self.vector.shape)}, eps={self.eps:g}, norm={self.norm!r}{cls})"
 
 
 def singular_directions(res) -> list[Direction]:
@@ -73,14 +87,15 @@ class UAPMethod(Configurable):
     Subclasses set ``name`` and ``description`` and implement :meth:`directions`.  A subclass's
     constructor takes its settings as keyword parameters and keeps each as the attribute of the
     same name (``repr`` and :meth:`~uapx.settings.Configurable.settings` read them back); it
-    passes ``per_class`` on to this constructor.
+    passes ``per_class`` and ``norm`` on to this constructor.
 
     Set-based methods (the default) implement ``directions(pset)``: one computation serves
-    every eps, since each direction is scaled onto the eps-sphere.  Model-based methods set
-    ``needs_model = True`` and implement ``directions(pset, *, data, eps)``: they optimise a
-    perturbation for each eps on ``data`` (a :class:`MethodData`); the base class still scales
-    the result onto the eps-sphere, so all methods are compared at the same norm (the norm
-    the method itself reached is kept in ``meta["found_norm"]``).
+    every eps, since each direction is mapped onto the eps-sphere (:func:`uapx.norms.steepest`).
+    Model-based methods set ``needs_model = True`` and implement ``directions(pset, *, data,
+    eps)``: they optimise a perturbation for each eps on ``data`` (a :class:`MethodData`) in the
+    ball of :meth:`ball_norm` (targeted towards ``self.target_class`` where they take one); the
+    base class still scales the result onto the eps-sphere, so all methods are compared at the
+    same size (the size the method itself reached is kept in ``meta["found_norm"]``).
     """
 
     name: ClassVar[str] = ""
@@ -88,8 +103,20 @@ class UAPMethod(Configurable):
     needs_model: ClassVar[bool] = False
     supports_distributed: ClassVar[bool] = False  # reduces across torchrun ranks (uapx.linalg helpers)
 
-    def __init__(self, *, per_class: bool = True) -> None:
+    def __init__(self, *, per_class: bool = True, norm: str | None = None) -> None:
         self.per_class = per_class
+        self.norm = None if norm is None else check_norm(norm)
+
+    def ball_norm(self, pset: PerturbationSet) -> str:
+        """The norm of this method's UAPs: its ``norm`` setting, else the perturbation set's."""
+        return check_norm(self.norm or pset.norm)
+
+    def target_of(self, pset: PerturbationSet) -> int | None:
+        """The class the UAPs push images to (None: untargeted): a model-based method's own
+        ``target_class`` setting; for a set-based one, the target of the attack that made ``pset``."""
+        if self.needs_model:
+            return getattr(self, "target_class", None)
+        return (pset.attack or {}).get("target_class")
 
     def directions(self, pset: PerturbationSet, **kwargs) -> list[Direction]:
         """Find universal directions in ``pset`` (rows ``(N, d)``); any non-zero norm."""
@@ -98,8 +125,6 @@ class UAPMethod(Configurable):
     def __call__(self, pset: PerturbationSet, eps: float | Sequence[float], *,
                  data: MethodData | None = None) -> list[UAP]:
         """UAPs of norm ``eps`` (each of several eps): global, then per class if ``per_class``."""
-        from .errors import UapxError
-
         eps_list = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
         if self.needs_model and data is None:
             raise UapxError(f"UAP method {self.name!r} needs the model and images",
@@ -108,6 +133,7 @@ class UAPMethod(Configurable):
         if self.per_class:
             groups += [(c, pset.labels == c) for c in pset.classes]
         out: list[UAP] = []
+        ball = (self.ball_norm(pset), self.target_of(pset))
         for cls, mask in groups:
             part = pset if mask is None else pset.where(mask)
             if _global_len(part) == 0:  # every rank takes the same groups (their reductions pair up)
@@ -119,13 +145,14 @@ class UAPMethod(Configurable):
                 found = [(self.directions(part), eps_list)]
             for directions, eps_group in found:
                 for direction in contract.directions(self.name, directions, pset.d):
-                    out += self._scaled(direction, eps_group, cls, pset.shape, len(eps_list) > 1)
+                    out += self._scaled(direction, eps_group, cls, pset.shape, len(eps_list) > 1, ball)
         return out
 
     def _scaled(self, direction: Direction, eps_list: list[float], cls: int | None, shape: tuple,
-                tag_eps: bool) -> list[UAP]:
+                tag_eps: bool, ball: tuple[str, int | None]) -> list[UAP]:
         v = direction.vector.detach().float().reshape(-1)
-        norm = float(v.norm())
+        ball_norm, target = ball
+        norm = float(size(v, ball_norm))
         if not norm > 0 or norm != norm:
             return []  # a zero or NaN direction is no perturbation
         out = []
@@ -134,14 +161,31 @@ class UAPMethod(Configurable):
             parts += [f"class-{cls}"] if cls is not None else []
             name = ":".join(parts) + (f"@{e:g}" if tag_eps else "")
             meta = {**direction.meta, **({"found_norm": norm} if self.needs_model else {})}
-            out.append(UAP(name, (v * (e / norm)).reshape(shape), repr(self), e, cls, direction.signless, meta,
-                           direction.tag))
+            u = onto_sphere(v, e, ball_norm) if self.needs_model else steepest(v, e, ball_norm)
+            out.append(UAP(name, u.reshape(shape), repr(self), e, cls, direction.signless, meta,
+                           direction.tag, ball_norm, target))
         return out
 
 
-def project_l2(v: torch.Tensor, eps: float) -> torch.Tensor:
-    """``v`` scaled back onto the L2 ball of radius ``eps`` if it lies outside (one perturbation)."""
-    return v * min(1.0, eps / max(float(v.norm()), 1e-12))
+def check_threat_model(attack: type, methods: Sequence[type], *, norm: str, target_class: int | None) -> None:
+    """Before any work: the attack class can be targeted where ``target_class`` is given, and every
+    method class can make UAPs of ``norm`` (a method without a ``norm`` setting makes the attack's)
+    and, if model-based, towards ``target_class``; else a one-line error naming the plugin."""
+    from .settings import parameters, takes_any
+
+    def takes(cls: type, key: str) -> bool:
+        return key in parameters(cls) or takes_any(cls)
+
+    if target_class is not None and not takes(attack, "target_class"):
+        raise UapxError(f"attack {attack.name!r} takes no target class, so it cannot make targeted perturbations",
+                        "use --attack pgd-l2 or pgd-linf with --target-class, or drop --target-class")
+    for cls in methods:
+        if norm != getattr(attack, "norm", "l2") and not takes(cls, "norm"):
+            raise UapxError(f"UAP method {cls.name!r} takes no norm setting, so it cannot make {norm} UAPs "
+                            f"from the {attack.name!r} perturbations", f"drop --norm, or leave {cls.name} out of --plugins")
+        if target_class is not None and cls.needs_model and not takes(cls, "target_class"):
+            raise UapxError(f"UAP method {cls.name!r} takes no target class, so it cannot make targeted UAPs",
+                            f"drop --target-class, or leave {cls.name} out of --plugins")
 
 
 def _global_len(part: PerturbationSet) -> int:
@@ -163,7 +207,6 @@ def uaps_to_bytes(uaps: Sequence[UAP]) -> bytes:
 
 def load_uaps(path) -> list[UAP]:
     """Read UAPs written by :func:`uaps_to_bytes` (a report's ``uaps.pt``)."""
-    from .errors import UapxError
     from .models.checkpoints import read_checkpoint
 
     obj = read_checkpoint(path)

@@ -17,20 +17,27 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import atomic, data, defaults, distributed, info, models, plots
+from . import atomic, data, defaults, distributed, info, models, norms, plots
 from . import settings as plugin_settings
-from .analysis import Analysis, MethodData  # noqa: F401  (re-exported: uapx.pipeline.Analysis)
+from .analysis import Analysis, HeldOut, MethodData  # noqa: F401  (re-exported: uapx.pipeline.Analysis)
 from .attacks import check_budget
 from . import contract
 from .class_index import model_labels, read_class_index
 from .compat import check_model_fits
 from .errors import EXIT_PLUGIN, UapxError
-from .evaluate import evaluate_many, random_baseline
-from .methods import uaps_to_bytes
+from .evaluate import baseline_key, evaluate_many, predict, random_baseline
+from .methods import check_threat_model, uaps_to_bytes
 from .perturbations import PerturbationSet, PerturbationWriter, write_parts_manifest
 from .registry import Component, Registry, get_registry
 from .report import Report, check_output_folder
 
+
+HELD_OUT = (  # the held-out rule, stated once (the help text and the report quote it)
+    "UAPs are fitted on one set of images and judged on a disjoint one. From another split than the fit "
+    "split, the held-out images are a seeded class-stratified draw of eval_n_samples images (default: as many "
+    "as n_samples); from the fit split itself (a data set with one split, e.g. the embedded MNIST test split, "
+    "or --split equal to --eval-split), they are a seeded class-stratified part of the sample of n_samples "
+    "images (default: half of it) and the UAPs are fitted on the rest.")
 
 
 @dataclass
@@ -39,7 +46,7 @@ class AnalyzeConfig:
 
     dataset: str = "mnist"
     data_root: str | None = None
-    split: str = "test"
+    split: str | None = None  # the UAPs' fit images; default train where the data set has one, else eval_split
     model: str | None = None  # default zoo:<dataset>-natural; or a factory MODULE:CALLABLE
     arch: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a factory --model
@@ -50,12 +57,14 @@ class AnalyzeConfig:
     plugins: list[str] = field(default_factory=lambda: ["average", "svd"])
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     attack: str = "pgd-l2"
-    eps: float | None = None  # default per norm and data set: uapx.defaults
+    eps: float | list[float] | None = None  # default per norm and data set (uapx.defaults); a list: an eps sweep
+    norm: str | None = None  # the UAPs' ball, l2 or linf (uapx.norms); default: the attack's norm
+    target_class: int | None = None  # targeted UAPs (and attack): the class every image is pushed to
     steps: int = 20
     step_size: float | None = None  # default uapx.defaults.default_step_size
-    n_samples: int | None = 1000
-    eval_split: str | None = None  # held-out evaluation: the UAPs also on images of this split (never the fit images)
-    eval_n_samples: int | None = None  # held-out images (a seeded stratified draw; default: as many as n_samples)
+    n_samples: int | None = 1000  # images drawn from the fit split (the sample)
+    eval_split: str = "test"  # the held-out images the UAPs are judged on (never one they were fitted on)
+    eval_n_samples: int | None = None  # held-out images: see HELD_OUT
     batch_size: int = 250
     k: int = 5
     random_draws: int = 5
@@ -69,17 +78,22 @@ class AnalyzeConfig:
     overwrite: bool = False
     skip_unreadable: bool = False  # leave out image files that cannot be decoded (counted in the report)
 
-    def resolved(self) -> "AnalyzeConfig":
+    def resolved(self, attack: Component | None = None) -> "AnalyzeConfig":
+        """The config with its defaults filled in and checked (before any work).  ``attack``: the
+        attack component, looked up once by the caller (:func:`plan`); without it, it is looked up
+        here in the default registry."""
         c = AnalyzeConfig(**asdict(self))
         c.model = c.model or f"zoo:{c.dataset}-natural"
-        norm = attack_norm(c.attack)
-        c.eps = c.eps if c.eps is not None else defaults.default_eps(norm, c.dataset)
+        norm = attack_norm(attack if attack is not None else get_registry().components.get(c.attack))
+        c.norm, c.target_class = norms.check_norm(c.norm or norm), norms.check_target_class(c.target_class)
+        c.eps = c.eps if c.eps is not None else defaults.default_eps(c.norm, c.dataset)
         c.step_size = c.step_size if c.step_size is not None else defaults.default_step_size(c.eps, c.steps)
         if self.step_size is None and c.eps == c.eps and not abs(c.step_size) < float("inf"):
             raise UapxError(f"--eps {c.eps:g} is too large: the default step size (2.5*eps/steps) overflows",
                             "pass a smaller --eps (any two images in [0, 1] differ by at most sqrt(d) in L2)")
         check_budget(c.eps, c.steps, c.step_size)
-        defaults.check_eps(norm, c.eps)
+        for ball in dict.fromkeys((norm, c.norm)):  # the attack's and the UAPs'
+            defaults.check_eps(ball, c.eps)
         if isinstance(c.class_index, (str, Path)):  # read (and checked) before any work
             c.class_index = read_class_index(c.class_index)
         if c.trajectory_samples < 1:
@@ -91,19 +105,35 @@ class AnalyzeConfig:
             raise UapxError(f"device {c.device!r} requested but CUDA is not available", "pass --device cpu")
         return c
 
+    def offered(self) -> dict[str, Any]:
+        """The run's settings offered to every UAP method whose constructor takes them."""
+        return {"k": self.k, "norm": self.norm, "target_class": self.target_class}
 
-def attack_norm(attack: str) -> str:
-    """The norm ("l2", "linf") of the attack plugin named ``attack`` ("l2" for an unknown name, which
+
+def eps_values(eps: float | list[float] | tuple | None) -> list[float]:
+    """The budgets a config asks for: ``[]`` (the default), ``[eps]`` or the distinct values of a
+    sweep, in the order given."""
+    if eps is None:
+        return []
+    values = [float(e) for e in eps] if isinstance(eps, (list, tuple)) else [float(eps)]
+    if not values:
+        raise UapxError("the eps list is empty", "pass --eps 2, or a list such as --eps 1,2,4")
+    if len(set(values)) < len(values):
+        raise UapxError(f"an eps appears twice in {values}", "list each eps once, e.g. --eps 1,2,4")
+    return values
+
+
+def attack_norm(comp: Component | None) -> str:
+    """The norm ("l2", "linf") of the attack component ``comp`` ("l2" for none or a non-attack, which
     fails later with its own error)."""
-    comp = get_registry().components.get(attack)
     return getattr(comp.cls, "norm", "l2") if comp is not None and comp.kind == "attack" else "l2"
 
 
-def defaults_applied(given: AnalyzeConfig, resolved: AnalyzeConfig) -> dict:
-    """Which settings were not given and took their defaults (norm- and data-set-specific)."""
+def defaults_applied(given: AnalyzeConfig, resolved: AnalyzeConfig, norm: str) -> dict:
+    """Which settings were not given and took their defaults (``norm``- and data-set-specific)."""
     out = {k: getattr(resolved, k) for k in ("model", "eps", "step_size") if getattr(given, k) is None}
     if out:
-        out["norm"], out["dataset"] = attack_norm(resolved.attack), resolved.dataset
+        out["norm"], out["dataset"] = norm, resolved.dataset
     return out
 
 
@@ -113,9 +143,11 @@ class AnalyzeResult:
 
     out: Path
     report: dict
-    analysis: Analysis
+    analysis: Analysis | None  # None only for an eps sweep whose every eps was resumed from disk
 
     def __repr__(self) -> str:
+        if self.analysis is None:  # an eps sweep resumed from finished parts
+            return f"AnalyzeResult(out={str(self.out)!r})"
         return (f"AnalyzeResult(out={str(self.out)!r}, {len(self.analysis.uaps)} UAPs, "
                 f"diagnostics={sorted(self.report.get('diagnostics', {}))})")
 
@@ -193,49 +225,110 @@ class Setup:
     attack: Any
     meta: dict
     transfer: dict[str, nn.Module] = field(default_factory=dict)  # --transfer models, checked like the model
+    heldout: data.ImageSet | None = None  # the held-out images (disjoint from images); draw_images
+    protocol: str = "split"  # how they were drawn: "split" or "sample" (see HELD_OUT)
+
+
+def _rows(images: data.ImageSet, idx: torch.Tensor) -> data.ImageSet:
+    """The images at positions ``idx`` ``(m,)`` (in that order), keeping their indices."""
+    base = images.indices[idx] if images.indices is not None else idx
+    return replace(images, x=images.x[idx], y=images.y[idx], indices=base)
+
+
+def draw_images(c: AnalyzeConfig, dataset: Any = None) -> tuple[data.ImageSet, data.ImageSet, str]:
+    """Stage 1a: ``(fit images, held-out images, protocol)``, disjoint seeded class-stratified draws
+    by the rule :data:`HELD_OUT` (``protocol`` ``"split"``: from another split; ``"sample"``: a part of
+    the one sample).  ``dataset`` (an ImageSet or a torch Dataset) is one split: all of it is the
+    sample when it holds no more than ``n_samples`` images."""
+    from .errors import SplitNotFound
+    from .image_sources import from_dataset
+    from .stats import stratified_draw
+
+    if dataset is not None:
+        pool = held_pool = from_dataset(dataset)
+        n = c.n_samples if c.n_samples is not None and c.n_samples < len(pool) else None
+    else:
+        def load(split: str) -> data.ImageSet:
+            return data.load(c.dataset, split, c.data_root, skip_unreadable=c.skip_unreadable,
+                             image_size=c.image_size)
+
+        held_pool = load(c.eval_split)
+        pool = held_pool
+        if (c.split or "train") != c.eval_split:
+            try:
+                pool = load(c.split or "train")
+            except SplitNotFound:
+                if c.split is not None:  # asked for by name: the one-line error
+                    raise
+        if pool.source == held_pool.source and torch.equal(pool.y, held_pool.y):  # the same images under two
+            pool = held_pool  # names, e.g. an ImageFolder of class folders only: one split
+        n = c.n_samples
+    if pool is not held_pool:
+        if list(pool.classes) != list(held_pool.classes):
+            raise UapxError(f"the {pool.split} and {held_pool.split} splits of {pool.name} have different classes "
+                            f"({len(pool.classes)} and {len(held_pool.classes)})",
+                            "give both splits the same class folders, or pass --split equal to --eval-split")
+        fit = pool.subset(n, seed=c.seed)
+        m = c.eval_n_samples or c.n_samples
+        return fit, held_pool.subset(m if m is not None and m < len(held_pool) else None, seed=c.seed + 1), "split"
+    sample = pool.subset(n, seed=c.seed)
+    m = c.eval_n_samples or len(sample) // 2
+    if m >= len(sample) or m < 1:
+        raise UapxError(f"the sample of {len(sample)} {sample.name} {sample.split} images cannot hold {m} held-out "
+                        "images and the images the UAPs are fitted on",
+                        f"pass --eval-n-samples below {len(sample)} (default: half of the sample), a larger "
+                        "--n-samples, or held-out images of another split (--eval-split)")
+    held = stratified_draw(sample.y, m, seed=c.seed + 1)
+    keep = torch.ones(len(sample), dtype=torch.bool)
+    keep[held] = False
+    return _rows(sample, keep.nonzero().flatten()), _rows(sample, held), "sample"
 
 
 def load_inputs(c: AnalyzeConfig, attack_comp: Component, *, model: nn.Module | None = None,
-                dataset: Any = None) -> Setup:
+                dataset: Any = None, held_out: bool = True) -> Setup:
     """Stage 1: load the data, the model (and ``--transfer`` models) and build the attack plugin
     ``attack_comp`` for a resolved config.  ``model`` (an ``nn.Module``) and ``dataset`` (an
     :class:`~uapx.data.ImageSet` or a ``torch.utils.data.Dataset`` of ``(image, label)``) replace
     the ones the config names.  The number of classes is the model's number of outputs, checked
-    against the data's classes with one forward pass before any attack."""
-    from .image_sources import from_dataset
-
+    against the data's classes with one forward pass before any attack.  Without ``held_out`` (``uapx
+    attack``) the images are a draw of ``n_samples`` of split ``c.split`` (default test) only."""
     torch.manual_seed(c.seed)
-    if dataset is not None:  # the user's own data: all of it when it holds no more than n_samples
-        images = from_dataset(dataset)
-        images = images.subset(c.n_samples if c.n_samples is not None and c.n_samples < len(images) else None,
-                               seed=c.seed)
+    if held_out:
+        images, heldout, protocol = draw_images(c, dataset)
     else:
-        images = data.load(c.dataset, c.split, c.data_root, skip_unreadable=c.skip_unreadable,
-                           image_size=c.image_size).subset(c.n_samples, seed=c.seed)
+        images, heldout, protocol = data.load(c.dataset, c.split or "test", c.data_root, image_size=c.image_size,
+                                              skip_unreadable=c.skip_unreadable).subset(c.n_samples, seed=c.seed), None, ""
     model, card = models.load_with_card(model if model is not None else c.model, device=c.device, arch=c.arch,
                                         model_args=c.model_args, weights=c.weights, normalize=c.normalize)
     x1 = images.images(slice(0, 1)).to(c.device)  # one forward pass each before any attack
     outputs = check_model_fits(model, x1, None, what=c.model, data=images.name)
     # labels in the model's output space (ImageNet wnids on a 1000-class model, --class-index)
     images = model_labels(images, outputs, class_index=c.class_index, what=c.model)
+    norms.check_target_class(c.target_class, len(images.classes))
+    if heldout is not None:
+        heldout = model_labels(heldout, outputs, class_index=c.class_index, what=c.model)
     transfer = {spec: models.load(spec, device=c.device) for spec in c.transfer}
     for spec, other in transfer.items():
         check_model_fits(other, x1, len(images.classes), what=f"--transfer {spec}", data=images.name)
     attack = _instantiate(attack_comp.cls, c.plugin_settings.get(c.attack, {}),
-                          {"eps": c.eps, "steps": c.steps, "step_size": c.step_size})
+                          {"eps": c.eps, "steps": c.steps, "step_size": c.step_size, "target_class": c.target_class})
     meta = {"shape": tuple(images.shape), "eps": c.eps, "norm": attack.norm, "model_id": c.model,
             "attack": {"name": c.attack, "norm": attack.norm, **attack.settings()}}
-    return Setup(images, model, card, attack, meta, transfer)
+    return Setup(images, model, card, attack, meta, transfer, heldout, protocol)
 
 
 def attack_dataset(config: AnalyzeConfig, *, chunk_size: int = 4096, registry: Registry | None = None) -> PerturbationSet:
     """``uapx attack``: perturb a data set and write the set folder ``config.out`` (resumable)."""
     reg = registry or get_registry()
-    c = config.resolved()
+    if len(eps_values(config.eps)) > 1:
+        raise UapxError("uapx attack takes one --eps", "run it once per eps (analyze sweeps eps: --eps 1,2,4)")
+    config = replace(config, eps=(eps_values(config.eps) or [None])[0])
+    attack_comp = reg.get(config.attack, "attack")
+    c = replace(config.resolved(attack_comp), split=config.split or "test")  # a saved set is one split's
     ranks = world = 1
     if distributed.init_from_env(c.device):
         ranks, world = distributed.rank(), distributed.world_size()
-    s = load_inputs(c, reg.get(c.attack, "attack"))
+    s = load_inputs(c, attack_comp, held_out=False)
     data_meta = {"dataset": c.dataset, "split": c.split, "n_samples": len(s.images), "seed": c.seed,
                  "chunk_size": chunk_size}
     meta = {**s.meta, "shape": list(s.meta["shape"]), "data": data_meta}
@@ -280,7 +373,7 @@ def plan(c: AnalyzeConfig, reg: Registry) -> Plan:
     unknown names and bad settings fail here, before any work."""
     components = reg.check_names(c.plugins)
     attack_comp = reg.get(c.attack, "attack")
-    plugin_settings.check_run(c.plugin_settings, [attack_comp, *components], offered={"k": c.k})
+    plugin_settings.check_run(c.plugin_settings, [attack_comp, *components], offered=c.offered())
     if distributed.init_from_env(c.device):  # every built-in reduces across ranks; others must say they do
         unsupported = [comp.name for comp in components if not getattr(comp.cls, "supports_distributed", False)]
         if unsupported:
@@ -382,62 +475,64 @@ def build_uaps(analysis: Analysis, methods: list[Component], c: AnalyzeConfig) -
     (model-based methods optimise on the analysis, a :class:`MethodData`)."""
     for comp in tqdm(methods, desc="UAP methods", unit="method", leave=False,
                      disable=not (methods and distributed.is_main())):
-        method = _instantiate(comp.cls, c.plugin_settings.get(comp.name, {}), {"k": c.k})
+        method = _instantiate(comp.cls, c.plugin_settings.get(comp.name, {}), c.offered())
         analysis.uaps += _run_plugin(comp.name, lambda: contract.method_uaps(
             comp.name, method(analysis.pset, analysis.eps, data=analysis)))
 
 
-def evaluate_uaps(analysis: Analysis, preds: Predictions, c: AnalyzeConfig,
-                  transfer_models: dict[str, nn.Module]) -> dict:
-    """Stage 4: evaluate every UAP (and the global ones on the ``--transfer`` models) against
-    random directions of the same norm; ``report.json``'s ``uaps`` section (evaluations go to
+def evaluate_uaps(analysis: Analysis, preds: Predictions, c: AnalyzeConfig) -> dict:
+    """Stage 4: evaluate every UAP on the images it was fitted on (in-sample) against random
+    directions of the same norm; ``report.json``'s ``uaps`` section (evaluations go to
     ``analysis.evaluations``)."""
     x, k, eps = analysis.x, analysis.num_classes, analysis.eps
     opts = dict(draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device)
     evals, extra = evaluate_many(analysis.model, x, preds.y, analysis.uaps, num_classes=k, clean_pred=preds.clean,
                                  precision=c.eval_precision, compile=c.compile, **opts)
     analysis.evaluations.update(evals)
-    baseline = extra["random_baseline"].get(f"{eps:g}") or random_baseline(
-        analysis.model, x, preds.y, eps, clean_pred=preds.clean, num_classes=k, **opts)
-    transfer = {}
-    global_uaps = [u for u in analysis.uaps if u.source_class is None]
-    for spec, other in transfer_models.items():
-        t_evals, t_extra = evaluate_many(other, x, preds.y, global_uaps, num_classes=k, precision=c.eval_precision,
-                                         compile=c.compile, **opts)
-        transfer[spec] = {**t_extra, "evaluations": {name: v.to_dict() for name, v in t_evals.items()}}
+    baseline = extra["random_baseline"].get(baseline_key(eps, c.norm, c.target_class)) or random_baseline(
+        analysis.model, x, preds.y, eps, clean_pred=preds.clean, num_classes=k, norm=c.norm, target=c.target_class,
+        **opts)
     return {
         "random_baseline": baseline,
         "evaluation": extra["evaluation"],
         "evaluations": {name: ev.to_dict() for name, ev in analysis.evaluations.items()},
-        **({"transfer": transfer} if transfer else {}),
     }
 
 
-def evaluate_held_out(analysis: Analysis, c: AnalyzeConfig) -> dict | None:
-    """Stage 4b: every UAP on held-out images -- a seeded class-stratified draw of
-    ``c.eval_n_samples`` images of split ``c.eval_split``, which must differ from the split the
-    UAPs were fitted on (so no image is in both) -- beside random directions of the same norm;
-    ``report.json``'s ``uaps.held_out`` (None without ``eval_split``)."""
-    if c.eval_split is None:
-        return None
-    if c.eval_split == c.split:
-        raise UapxError(f"--eval-split {c.eval_split} is the split the UAPs are fitted on",
-                        "pass --split train --eval-split test (fit on training images, evaluate on test images)")
-    images = data.load(c.dataset, c.eval_split, c.data_root, skip_unreadable=c.skip_unreadable,
-                       image_size=c.image_size)
-    images = model_labels(images, analysis.num_classes, class_index=c.class_index, what=c.model)
-    n = c.eval_n_samples or c.n_samples
-    images = images.subset(n if n is not None and n < len(images) else None, seed=c.seed + 1)
-    shard = images.take(distributed.shard(len(images)))
-    y_all = distributed.all_gather_rows(shard.y)
-    opts = dict(draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device)
-    evals, extra = evaluate_many(analysis.model, shard.images(), y_all, analysis.uaps, num_classes=analysis.num_classes,
-                                 precision=c.eval_precision, compile=c.compile, **opts)
+def evaluate_held_out(analysis: Analysis, s: Setup, c: AnalyzeConfig) -> dict:
+    """Stage 4b: every UAP on the held-out images ``s.heldout`` (disjoint from the fit images; rule
+    :data:`HELD_OUT`), each with the sign chosen on the fit images, beside random directions of the
+    same norm, and the global UAPs on the ``--transfer`` models; sets ``analysis.heldout`` and
+    returns ``report.json``'s ``uaps.held_out``.  Run after :func:`evaluate_uaps`."""
+    from .image_sources import ImageRows
     from .stats import class_counts
 
-    return {"split": c.eval_split, "n_images": len(images), "class_counts": class_counts(images.y),
-            "random_baseline": extra["random_baseline"].get(f"{analysis.eps:g}"),
-            "evaluations": {name: ev.to_dict() for name, ev in evals.items()}}
+    images = s.heldout
+    shard = images.take(distributed.shard(len(images)))
+    d = int(torch.Size(images.shape).numel())
+    x = ImageRows(shard) if streams(len(shard), d) else shard.images()
+    y_all = distributed.all_gather_rows(shard.y)
+    clean = predict(analysis.model, x, batch_size=c.batch_size, device=c.device)  # every rank's
+    signs = {name: ev.sign for name, ev in analysis.evaluations.items()}
+    opts = dict(draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device,
+                precision=c.eval_precision, compile=c.compile, signs=signs)
+    evals, extra = evaluate_many(analysis.model, x, y_all, analysis.uaps, num_classes=analysis.num_classes,
+                                 clean_pred=clean, **opts)
+    baseline = extra["random_baseline"].get(baseline_key(analysis.eps, c.norm, c.target_class)) or random_baseline(
+        analysis.model, x, y_all, analysis.eps, clean_pred=clean, num_classes=analysis.num_classes, norm=c.norm,
+        target=c.target_class, **{k: opts[k] for k in ("draws", "seed", "batch_size", "device")})
+    analysis.heldout = HeldOut(x, shard.y, clean[distributed.shard(len(images))], split=images.split,
+                               protocol=s.protocol, n_images=len(images), evaluations=evals,
+                               random_baseline=baseline, indices=shard.indices)
+    transfer = {}
+    global_uaps = [u for u in analysis.uaps if u.source_class is None]
+    for spec, other in s.transfer.items():
+        t_evals, t_extra = evaluate_many(other, x, y_all, global_uaps, num_classes=analysis.num_classes, **opts)
+        transfer[spec] = {**t_extra, "evaluations": {name: v.to_dict() for name, v in t_evals.items()}}
+    return {"split": images.split, "protocol": s.protocol, "rule": HELD_OUT, "n_images": len(images),
+            "class_counts": class_counts(images.y), "clean_accuracy": extra["clean_accuracy"],
+            "random_baseline": baseline, "evaluations": {name: ev.to_dict() for name, ev in evals.items()},
+            **({"transfer": transfer} if transfer else {})}
 
 
 def run_diagnostics(analysis: Analysis, diagnostics: list[Component], c: AnalyzeConfig, report: Report,
@@ -482,11 +577,13 @@ def write_report(report: Report, out: Path, config: AnalyzeConfig, c: AnalyzeCon
     images = s.images
     report.data.update({
         "config": asdict(c),
-        "defaults_applied": defaults_applied(config, c),
+        "defaults_applied": defaults_applied(config, c, c.norm),
         "environment": info.collect(reg),
         "model": s.card,
         "data": {"dataset": images.name, "split": images.split, "source": images.source,
                  "n_images": len(preds.y), "shape": list(images.shape),
+                 "held_out": {"split": s.heldout.split, "source": s.heldout.source, "protocol": s.protocol,
+                              "n_images": len(s.heldout)},
                  "unreadable_skipped": {"count": len(images.skipped), "files": images.skipped[:20]},
                  **({"ranks": distributed.world_size()} if distributed.active() else {})},
         "attack": {"plugin": repr(s.attack), **attack_figures(analysis.pset, preds)},
@@ -513,17 +610,24 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None, model: n
     ``data`` (an :class:`~uapx.data.ImageSet` or any ``torch.utils.data.Dataset`` of
     ``(image, label)``) replace the model and data set the config names.
 
-    The stages: :func:`load_inputs`, :func:`attack_images`, :func:`build_uaps`,
-    :func:`evaluate_uaps`, :func:`run_diagnostics`, :func:`write_report`."""
+    The UAPs are fitted on one set of images and judged on a disjoint one (:data:`HELD_OUT`).
+    The stages: :func:`load_inputs` (:func:`draw_images`), :func:`attack_images`, :func:`build_uaps`,
+    :func:`evaluate_uaps` (in-sample), :func:`evaluate_held_out`, :func:`run_diagnostics`,
+    :func:`write_report`."""
     reg = registry or get_registry()
     if model is not None:
         config = replace(config, model=config.model or f"<{type(model).__name__}>")
     if data is not None:
         config = replace(config, dataset=getattr(data, "name", None) or type(data).__name__, data_root=None)
-    c = config.resolved()
-    p = plan(c, reg)  # names and settings checked before any work
-    if c.eval_split is not None and c.eval_split == c.split:  # before any work, too
-        evaluate_held_out(None, c)  # raises the one-line error  # type: ignore[arg-type]
+    eps_list = eps_values(config.eps)
+    if len(eps_list) > 1:  # one analysis per eps and a combined report (uapx.sweep)
+        from .sweep import analyze_sweep
+
+        return analyze_sweep(config, eps_list, registry=reg, model=model, data=data)
+    config = replace(config, eps=eps_list[0] if eps_list else None)
+    p = plan(config, reg)  # names and settings checked before any work; the attack looked up once
+    c = config.resolved(p.attack)
+    check_threat_model(p.attack.cls, [m.cls for m in p.methods], norm=c.norm, target_class=c.target_class)
     out = check_output_folder(c.out, overwrite=c.overwrite, claim=distributed.is_main())
     distributed.barrier()  # rank 0 has claimed --out (removing dead runs' leftovers) before any rank writes beside it
     timer = Timer()
@@ -534,11 +638,13 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None, model: n
             analysis, preds = attack_images(c, s, scratch)
         with timer("uap_methods"):
             build_uaps(analysis, p.methods, c)
-            uaps = evaluate_uaps(analysis, preds, c, s.transfer)
-            held = evaluate_held_out(analysis, c) if data is None else None
-            if held:
-                uaps["held_out"] = held
-        report = Report(f"uapx analysis: {c.model} on {c.dataset} ({c.split}), eps {c.eps:g}")
+            uaps = evaluate_uaps(analysis, preds, c)
+        with timer("held_out"):
+            uaps["held_out"] = evaluate_held_out(analysis, s, c)
+            if "transfer" in uaps["held_out"]:  # report.json's uaps.transfer (on the held-out images)
+                uaps["transfer"] = uaps["held_out"].pop("transfer")
+        report = Report(f"uapx analysis: {c.model} on {c.dataset} (fit: {s.images.split}, {len(preds.y)} images; "
+                        f"held out: {s.heldout.split}, {len(s.heldout)} images), eps {c.eps:g}")
         diagnostics = run_diagnostics(analysis, p.diagnostics, c, report, timer)
         write_report(report, out, config, c, reg, s, analysis, preds, uaps, diagnostics, timer)
     return AnalyzeResult(out, report.data, analysis)

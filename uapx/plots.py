@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # before pyplot loads
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+nan = float("nan")
+
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis import Analysis
     from .report import Report
@@ -97,44 +99,129 @@ def add_uap_plots(report: "Report", analysis: "Analysis", baseline: dict) -> Non
                                        [class_name(analysis, int(u.source_class)) for u in per_class], cols=10),
                             f"Class-specific UAPs of {method}, each from the perturbations of one class's images "
                             "(titled by class), one colour scale for the row.")
+    held = analysis.heldout
+    shown = held.evaluations if held is not None else evs  # the figure: held-out where there is a held-out set
+    base = held.random_baseline if held is not None and held.random_baseline else baseline
     fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(glob) + 2), 3.2))
     names = [u.name for u in glob] + ["random"]
-    vals = [100 * evs[u.name].best.fooling_rate for u in glob] + [100 * baseline["fooling_rate"]["mean"]]
-    ax.bar(range(len(vals)), vals, color=["#4c72b0"] * len(glob) + ["#999999"])
-    ax.errorbar([len(glob)], [vals[-1]], yerr=[100 * baseline["fooling_rate"]["std"]], color="k", capsize=3)
+    vals = [100 * shown[u.name].best.fooling_rate for u in glob] + [100 * base["fooling_rate"]["mean"]]
+    ci = [shown[u.name].best.fooling_wilson95 for u in glob] + [tuple(base["fooling_rate"].get("wilson95", (nan, nan)))]
+    err = [[max(0.0, v - 100 * lo) for v, (lo, _) in zip(vals, ci)], [max(0.0, 100 * hi - v) for v, (_, hi) in zip(vals, ci)]]
+    ax.bar(range(len(vals)), vals, color=["#4c72b0"] * len(glob) + ["#999999"],
+           label="held-out (the figure)" if held is not None else "in-sample")
+    ax.errorbar(range(len(vals)), vals, yerr=err, fmt="none", color="k", capsize=3)
+    if held is not None:
+        ax.plot(range(len(glob)), [100 * evs[u.name].best.fooling_rate for u in glob], "^", color="tab:orange",
+                label=f"in-sample ({analysis.n_images} fit images)")
+        ax.legend(fontsize=7)
     ax.set_xticks(range(len(vals)), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("fooling rate (%)")
-    ax.set_title(f"Global UAPs vs random directions, L2 norm {analysis.eps:g}", fontsize=9)
+    ax.set_title(f"Global UAPs vs random directions, {ball_words(analysis)} {analysis.eps:g}", fontsize=9)
+    where = (f"on {held.n_images} held-out images ({held.split}, {HELD_OUT_WORDS[held.protocol]})"
+             if held is not None else f"on the {analysis.n_images} images they were fitted on")
     report.add_plot("uaps", "fooling-rates", fig,
-                    f"Fooling rate (prediction changed) of each global UAP and of {baseline['draws']} random "
-                    "directions of the same norm (mean, error bar one standard deviation).")
+                    f"Fooling rate (prediction changed) {where} of each global UAP and of {base['draws']} random "
+                    "directions of the same norm (pooled), with Wilson 95 % intervals"
+                    + ("; triangles: the in-sample rate on the fit images." if held is not None else "."))
+
+
+HELD_OUT_WORDS = {"split": "another split than the fit images'",
+                  "sample": "a class-stratified part of the sample, disjoint from the fit images"}
+
+
+def best_global(analysis: "Analysis"):
+    """The global UAP with the highest fooling rate on the images it was fitted on (so that choosing
+    it does not peek at the held-out images); None without global UAPs."""
+    glob = _global(analysis)
+    return max(glob, key=lambda u: analysis.evaluations[u.name].best.fooling_rate) if glob else None
 
 
 def uap_summary(analysis: "Analysis", baseline: dict) -> str:
-    glob = _global(analysis)
-    if not glob:
+    best = best_global(analysis)
+    if best is None:
         return "No UAP method was selected."
-    best = max(glob, key=lambda u: analysis.evaluations[u.name].best.fooling_rate)
     fr = analysis.evaluations[best.name].best.fooling_rate
     rb = baseline["fooling_rate"]
-    return (f"Best global UAP: {best.name} fools {fr:.1%} of {analysis.n_images} images at "
-            f"L2 norm {analysis.eps:g}; random directions of that norm fool {rb['mean']:.1%} "
-            f"(sd {rb['std']:.1%}, {baseline['draws']} draws).")
+    held = analysis.heldout
+    if held is None:
+        return (f"Best global UAP: {best.name} fools {fr:.1%} of {analysis.n_images} images (in-sample: the images it "
+                f"was fitted on) at {ball_words(analysis)} {analysis.eps:g}; random directions of that norm fool {rb['mean']:.1%} "
+                f"(sd {rb['std']:.1%}, {baseline['draws']} draws).")
+    h = held.evaluations[best.name].best
+    hb = (held.random_baseline or baseline)["fooling_rate"]
+    lo, hi = h.fooling_wilson95
+    rlo, rhi = hb.get("wilson95", (nan, nan))
+    return (f"Best global UAP (chosen on the fit images): {best.name} fools {h.fooling_rate:.1%} [{lo:.1%}, {hi:.1%}] "
+            f"of {held.n_images} held-out images ({held.split}, {HELD_OUT_WORDS[held.protocol]}) at "
+            f"{ball_words(analysis)} {analysis.eps:g} (in-sample: {fr:.1%} of the {analysis.n_images} fit images); random directions of that "
+            f"norm fool {hb['mean']:.1%} [{rlo:.1%}, {rhi:.1%}] of the held-out images ({baseline['draws']} draws).")
 
 
 def comparison_table(analysis: "Analysis", baseline: dict) -> tuple[list[str], list[list]]:
-    """One row per global UAP, then the random baseline: the effect of each at the same eps."""
-    head = ["UAP", "eps", "fooling rate", "accuracy x+v", "accuracy x-v", "sign kept"]
+    """One row per global UAP, then the random baseline: the effect of each at the same eps, on the
+    held-out images (the figure; Wilson 95 % interval) with the in-sample rate beside it."""
+    held = analysis.heldout
+    if held is None:
+        head = ["UAP", "eps", "fooling rate (in-sample)", "accuracy x+v", "accuracy x-v", "sign kept"]
+    else:
+        head = ["UAP", "eps", "held-out fooling rate [95 %]", "in-sample fooling rate", "held-out accuracy x+v",
+                "held-out accuracy x-v", "sign kept (fit images)"]
     rows = []
     for u in _global(analysis):
         ev = analysis.evaluations[u.name]
-        rows.append([u.name, u.eps, percent(ev.best.fooling_rate), percent(ev.plus.accuracy),
-                     percent(ev.minus.accuracy), "+" if ev.sign > 0 else "-"])
-    fr, acc = baseline["fooling_rate"], baseline["accuracy"]
-    rows.append([f"random ({baseline['draws']} draws)", baseline["eps"],
-                 f"{percent(fr['mean'])} ± {percent(fr['std'])}", f"{percent(acc['mean'])} ± {percent(acc['std'])}",
-                 "", ""])
-    return head, rows
+        if held is None:
+            rows.append([u.name, u.eps, percent(ev.best.fooling_rate), percent(ev.plus.accuracy),
+                         percent(ev.minus.accuracy), "+" if ev.sign > 0 else "-"])
+            continue
+        h = held.evaluations[u.name]
+        rows.append([u.name, u.eps, f"{percent(h.best.fooling_rate)} {interval(h.best.fooling_wilson95)}",
+                     percent(ev.best.fooling_rate), percent(h.plus.accuracy), percent(h.minus.accuracy),
+                     "+" if ev.sign > 0 else "-"])
+    b = held.random_baseline if held is not None and held.random_baseline else baseline
+    fr, acc = b["fooling_rate"], b["accuracy"]
+    if held is None:
+        rows.append([f"random ({b['draws']} draws)", b["eps"], f"{percent(fr['mean'])} ± {percent(fr['std'])}",
+                     f"{percent(acc['mean'])} ± {percent(acc['std'])}", "", ""])
+    else:
+        ins = baseline["fooling_rate"]["mean"]
+        rows.append([f"random ({b['draws']} draws)", b["eps"],
+                     f"{percent(fr['mean'])} {interval(fr.get('wilson95', (nan, nan)))}", percent(ins),
+                     f"{percent(acc['mean'])} ± {percent(acc['std'])}", "", ""])
+    return with_targeted_success(analysis, b, head, rows)
+
+
+def ball_words(analysis: "Analysis") -> str:
+    """``"L2 norm"`` or ``"Linf norm"`` (the global UAPs' ball), ``"... towards class C"`` for targeted ones."""
+    glob = _global(analysis)
+    norm = getattr(glob[0], "norm", "l2") if glob else "l2"
+    target = getattr(glob[0], "target_class", None) if glob else None
+    aim = "" if target is None else f" towards class {class_name(analysis, int(target))}"
+    return {"l2": "L2", "linf": "Linf"}.get(norm, norm) + " norm" + aim
+
+
+def with_targeted_success(analysis: "Analysis", baseline: dict, head: list[str], rows: list[list]):
+    """``(head, rows)`` of :func:`comparison_table` with a targeted-success column after the fooling
+    rate (held-out where there is a held-out set; Wilson 95 % interval) where the UAPs are targeted."""
+    glob = _global(analysis)
+    if not glob or all(getattr(u, "target_class", None) is None for u in glob):
+        return head, rows
+    held = analysis.heldout
+    shown = held.evaluations if held is not None else analysis.evaluations
+    where = "held-out " if held is not None else ""
+    cells = []
+    for u in glob:
+        e = shown[u.name].best
+        cells.append("" if e.targeted_success is None else f"{percent(e.targeted_success)} {interval(e.targeted_wilson95)}")
+    ts = baseline.get("targeted_success")
+    cells.append(f"{percent(ts['mean'])} {interval(ts['wilson95'])}" if ts else "")
+    target = next(u.target_class for u in glob if getattr(u, "target_class", None) is not None)
+    head = head[:3] + [f"{where}targeted success -> {class_name(analysis, int(target))} [95 %]"] + head[3:]
+    return head, [r[:3] + [c] + r[3:] for r, c in zip(rows, cells)]
+
+
+def interval(ci) -> str:
+    """A 95 % interval of rates as the report writes it: ``(0.01, 0.05)`` -> ``"[1.0%, 5.0%]"``."""
+    return f"[{percent(ci[0])}, {percent(ci[1])}]"
 
 
 def percent(rate: float) -> str:

@@ -1,4 +1,5 @@
-"""Built-in UAP method ``average``: the mean per-image perturbation, scaled to eps."""
+"""Built-in UAP method ``average``: the mean per-image perturbation, mapped onto the eps-sphere
+(scaled to L2 norm eps, or ``eps * sign`` in Linf)."""
 from __future__ import annotations
 
 import uapx
@@ -11,10 +12,10 @@ class AverageUAP(UAPMethod):
 
     name = "average"
     supports_distributed = True
-    description = "mean of the per-image perturbations (optionally of normalised ones), scaled to eps"
+    description = "mean of the per-image perturbations (optionally of normalised ones), scaled to eps (Linf: eps*sign)"
 
-    def __init__(self, *, normalize: bool = False, per_class: bool = True) -> None:
-        super().__init__(per_class=per_class)
+    def __init__(self, *, normalize: bool = False, per_class: bool = True, norm: str | None = None) -> None:
+        super().__init__(per_class=per_class, norm=norm)
         self.normalize = normalize
 
     def directions(self, pset):

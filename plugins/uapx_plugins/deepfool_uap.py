@@ -1,9 +1,11 @@
-"""Built-in UAP method ``deepfool-uap``: Moosavi-Dezfooli et al. (2017), L2-bounded.
+"""Built-in UAP method ``deepfool-uap``: Moosavi-Dezfooli et al. (2017), in the L2 or Linf ball.
 
 The universal perturbation v starts at 0; for each image that x + v does not fool, DeepFool
-finds the smallest extra step that sends x + v across the nearest decision boundary, and v is
-updated to v + dv, projected back onto the L2 ball of radius eps.  Passes over the images
-repeat until the fooling rate reaches ``1 - delta`` or ``passes`` run out.
+finds the smallest extra step (in the ball's norm) that sends x + v across the nearest decision
+boundary, and v is updated to v + dv, projected back onto the eps-ball.  Passes over the images
+repeat until the fooling rate reaches ``1 - delta`` or ``passes`` run out.  Targeted
+(``target_class=C``): the images not yet sent to ``C`` take targeted DeepFool steps towards
+``C``'s boundary, and the rate that stops the passes is the share of images classified ``C``.
 """
 from __future__ import annotations
 
@@ -12,61 +14,51 @@ from tqdm import tqdm
 
 import uapx
 from uapx import distributed
-from uapx.methods import Direction, UAPMethod, project_l2
+from uapx.methods import Direction, UAPMethod
+from uapx.norms import check_norm, check_target_class, dual_size, project, steepest
 
 
 def deepfool(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 10, overshoot: float = 0.02,
-             num_candidates: int = 10) -> torch.Tensor:
-    """DeepFool (Moosavi-Dezfooli et al., 2016) for one image ``x`` ``(1, C, H, W)``, L2.
-
-    Returns the perturbation ``r`` ``(1, C, H, W)`` (with overshoot) that changes the model's
-    prediction on ``clamp(x + r, 0, 1)``, or the last iterate if ``max_iter`` is reached.
-    """
-    with torch.no_grad():
-        logits = model(x)[0]
-    orig = int(logits.argmax())
-    cands = logits.argsort(descending=True)[:num_candidates]
-    cands = cands[cands != orig]
-    sel = torch.cat([torch.tensor([orig]), cands.cpu()]).to(x.device)
-    r_tot = torch.zeros_like(x)
-    for _ in range(max_iter):
-        xi = (x + (1 + overshoot) * r_tot).clamp(0, 1)
-        # one copy of the image per logit of interest: one backward gives every gradient
-        xr = xi.detach().expand(sel.numel(), *xi.shape[1:]).clone().requires_grad_(True)
-        out = model(xr)
-        if int(out[0].argmax()) != orig:
-            break
-        (grads,) = torch.autograd.grad(out.gather(1, sel[:, None]).sum(), xr)
-        out = out[:1]
-        w = (grads[1:] - grads[:1]).flatten(1)  # (m, d)
-        f = (out[0, cands] - out[0, orig]).detach()  # (m,)
-        wn = w.norm(dim=1)
-        dist = f.abs() / wn.clamp_min(1e-12)
-        dist[wn < 1e-12] = float("inf")
-        j = int(dist.argmin())
-        if not torch.isfinite(dist[j]):
-            break
-        r_tot = r_tot + ((dist[j] + 1e-4) * w[j] / wn[j]).view_as(x)
-    return (1 + overshoot) * r_tot
+             num_candidates: int = 10, norm: str = "l2", target: int | None = None) -> torch.Tensor:
+    """DeepFool (Moosavi-Dezfooli et al., 2016) for one image ``x`` ``(1, C, H, W)``: the
+    perturbation ``r`` ``(1, C, H, W)`` (with overshoot) that changes the model's prediction on
+    ``clamp(x + r, 0, 1)`` (or makes it ``target``), or the last iterate if ``max_iter`` is
+    reached.  The iteration of :func:`deepfool_batch` on a batch of one image."""
+    return deepfool_batch(model, x, max_iter=max_iter, overshoot=overshoot, num_candidates=num_candidates,
+                          norm=norm, target=target)
 
 
 def deepfool_batch(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 10, overshoot: float = 0.02,
-                   num_candidates: int = 10) -> torch.Tensor:
-    """DeepFool for every image of a batch ``x`` ``(B, C, H, W)`` at once, L2; the same iteration as
-    :func:`deepfool` image by image (each image stops once its prediction changed).
+                   num_candidates: int = 10, norm: str = "l2", target: int | None = None) -> torch.Tensor:
+    """DeepFool for every image of a batch ``x`` ``(B, C, H, W)`` at once; each image stops once its
+    prediction changed (or, with ``target``, became ``target``).
+
+    Each iteration linearises the model at the iterate ``x + (1 + overshoot) r``: for each class
+    ``k`` of interest, ``w_k = grad f_k - grad f_a`` and ``f_k - f_a`` (``a`` the class to leave);
+    the linearised boundary of ``k`` lies at distance ``|f_k - f_a| / ||w_k||_*`` in ``norm`` (the
+    dual norm: L2 for L2, L1 for Linf), reached by the step ``(distance + 1e-4) * u(w_k)`` with
+    ``u(w) = w / ||w||_2`` (L2) or ``sign(w)`` (Linf) -- the paper's l_p DeepFool, p = 2 or inf
+    (:func:`uapx.norms.steepest`).  Untargeted: ``a`` is the clean prediction, ``k`` ranges over
+    the other top ``num_candidates`` classes of the clean image and the nearest boundary is taken.
+    Targeted (``target=C``): ``a`` is the current prediction and ``k = C`` (targeted DeepFool).
 
     Returns the perturbations ``r`` ``(B, C, H, W)`` (with overshoot).
     """
+    check_norm(norm)
     b = x.shape[0]
     with torch.no_grad():
         logits = model(x)
     orig = logits.argmax(1)
-    m = min(num_candidates, logits.shape[1])
-    cands = logits.argsort(1, descending=True)[:, :m]  # per image: the top classes, the original among them
-    keep = cands != orig[:, None]
-    # the m-1 other classes of each image (drop the original from its row)
-    others = torch.stack([row[k][: m - 1] for row, k in zip(cands, keep)]) if b else cands[:, 1:]
-    sel = torch.cat([orig[:, None], others], 1)  # (B, m)
+    if target is None:
+        m = min(num_candidates, logits.shape[1])
+        cands = logits.argsort(1, descending=True)[:, :m]  # per image: the top classes, the original among them
+        keep = cands != orig[:, None]
+        # the m-1 other classes of each image (drop the original from its row)
+        others = torch.stack([row[k][: m - 1] for row, k in zip(cands, keep)]) if b else cands[:, 1:]
+        sel = torch.cat([orig[:, None], others], 1)  # (B, m)
+    else:
+        m = 2  # the class to leave (set per iteration) and the target
+        sel = torch.stack([orig, torch.full_like(orig, int(target))], 1)
     r_tot = torch.zeros_like(x)
     active = torch.ones(b, dtype=torch.bool, device=x.device)
     for _ in range(max_iter):
@@ -77,14 +69,19 @@ def deepfool_batch(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 1
         xr = xi.detach().unsqueeze(1).expand(-1, m, *x.shape[1:]).reshape(-1, *x.shape[1:]).clone()
         xr.requires_grad_(True)
         out = model(xr).view(idx.numel(), m, -1)  # (a, m, classes): copy j of image i
-        crossed = out[:, 0].argmax(1) != orig[idx]
+        now = out[:, 0].argmax(1)
         s = sel[idx]
+        if target is None:
+            crossed = now != orig[idx]
+        else:
+            crossed = now == int(target)
+            s = torch.stack([now, s[:, 1]], 1)  # leave the current class towards the target
         picked = out.gather(2, s[:, :, None]).squeeze(2)  # (a, m): logit of class s[i, j] on copy j
         (grads,) = torch.autograd.grad(picked.sum(), xr)
         grads = grads.view(idx.numel(), m, -1)
         w = grads[:, 1:] - grads[:, :1]  # (a, m-1, d)
         f = (picked[:, 1:] - picked[:, :1]).detach()  # (a, m-1)
-        wn = w.norm(dim=2)
+        wn = dual_size(w.reshape(-1, w.shape[2]), norm).view(w.shape[:2])
         dist = f.abs() / wn.clamp_min(1e-12)
         dist[wn < 1e-12] = float("inf")
         best = dist.argmin(1)
@@ -93,14 +90,14 @@ def deepfool_batch(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 1
         active[idx[~go]] = False
         if go.any():
             rows = go.nonzero().flatten()
-            wj = w[rows, best[rows]]
-            step = (dj[rows] + 1e-4)[:, None] * wj / wn[rows, best[rows]][:, None]
+            step = steepest(w[rows, best[rows]], dj[rows] + 1e-4, norm)
             r_tot[idx[rows]] += step.view(-1, *x.shape[1:])
     return (1 + overshoot) * r_tot
 
 
 class DeepFoolUAP(UAPMethod):
-    """Universal perturbation by accumulating DeepFool steps (L2 ball of radius eps).
+    """Universal perturbation by accumulating DeepFool steps (the eps-ball of ``norm``, L2 or Linf;
+    towards class ``target_class`` where given).
 
     The loop is sequential by nature.  Under torchrun it runs as a parallel, iterate-averaging
     variant, so its UAP is not the single-process one: in each pass every rank runs the loop on its
@@ -120,21 +117,34 @@ class DeepFoolUAP(UAPMethod):
 
     name = "deepfool-uap"
     supports_distributed = True
-    description = "universal perturbation from accumulated DeepFool steps (Moosavi-Dezfooli et al. 2017), L2"
+    description = ("universal perturbation from accumulated DeepFool steps (Moosavi-Dezfooli et al. 2017), "
+                   "L2 or Linf, optionally targeted")
     needs_model = True
 
     def __init__(self, *, passes: int = 1, delta: float = 0.2, max_iter: int = 10, overshoot: float = 0.02,
-                 max_images: int | None = 500, batch: int | None = None, per_class: bool = False) -> None:
+                 max_images: int | None = 500, batch: int | None = None, per_class: bool = False,
+                 norm: str | None = None, target_class: int | None = None) -> None:
         if batch is not None and (int(batch) != batch or batch < 1):
             raise uapx.UapxError(f"deepfool-uap.batch must be a whole number >= 1, got {batch}",
                                  "pass --set deepfool-uap.batch=32, or leave it unset for the sequential loop")
-        super().__init__(per_class=per_class)
+        super().__init__(per_class=per_class, norm=norm)
         self.batch = None if batch is None else int(batch)
         self.passes, self.delta, self.max_iter, self.overshoot = passes, delta, max_iter, overshoot
         self.max_images = max_images
+        self.target_class = check_target_class(target_class)
+
+    def _reached(self, pred: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """Whether each prediction ``(n,)`` is where the UAP should send it: changed from ``clean``,
+        or (targeted) the target class."""
+        return pred == self.target_class if self.target_class is not None else pred != clean
+
+    def _deepfool(self, model, x, norm, batched: bool):
+        fn = deepfool_batch if batched else deepfool
+        return fn(model, x, max_iter=self.max_iter, overshoot=self.overshoot, norm=norm, target=self.target_class)
 
     def directions(self, pset, *, data, eps):
         model, dev = data.model, data.device
+        norm = self.ball_norm(pset)
         parallel = distributed.active()
         # each rank draws its own images (rank 0 with the single-process seed)
         g = torch.Generator().manual_seed(data.seed + 1_000_003 * distributed.rank())
@@ -152,42 +162,41 @@ class DeepFoolUAP(UAPMethod):
         for p in range(self.passes):
             order = torch.randperm(x.shape[0], generator=g)[:n]
             if self.batch is not None:
-                v = self._batched_pass(model, x, clean, order, v, eps, f"deepfool-uap eps {eps:g} pass {p + 1}")
+                v = self._batched_pass(model, x, clean, order, v, eps, norm, f"deepfool-uap eps {eps:g} pass {p + 1}")
             for i in tqdm(order.tolist() if self.batch is None else [],
                           desc=f"deepfool-uap eps {eps:g} pass {p + 1}", leave=False, unit="img",
                           disable=not distributed.is_main()):
                 xi = x[i:i + 1].to(dev)
                 with torch.no_grad():
-                    fooled = int(model((xi + v).clamp(0, 1)).argmax(1)) != int(clean[i])
-                if fooled:
-                    continue
-                dv = deepfool(model, (xi + v).clamp(0, 1), max_iter=self.max_iter, overshoot=self.overshoot)
-                v = v + dv
-                v = project_l2(v, eps)
+                    if bool(self._reached(model((xi + v).clamp(0, 1)).argmax(1), clean[i:i + 1])):
+                        continue
+                v = project(v + self._deepfool(model, (xi + v).clamp(0, 1), norm, False), eps, norm)
             if parallel:  # the mean of the ranks' iterates, back in the eps-ball, the same on every rank
                 v = distributed.all_reduce_(v.contiguous()) / distributed.world_size()
-                v = project_l2(v, eps)
+                v = project(v, eps, norm)
                 v = distributed.broadcast_(v.contiguous())
             with torch.no_grad():
-                fooled = torch.cat([clean[:0]] + [model((x[s:s + data.batch_size].to(dev) + v).clamp(0, 1)).argmax(1)
-                                                  for s in range(0, x.shape[0], data.batch_size)]).ne(clean)
-            rate = distributed.all_reduce_scalar(float(fooled.sum())) / max(n_all, 1)  # over every rank's images
+                pred = torch.cat([clean[:0]] + [model((x[s:s + data.batch_size].to(dev) + v).clamp(0, 1)).argmax(1)
+                                                for s in range(0, x.shape[0], data.batch_size)])
+            reached = self._reached(pred, clean)
+            rate = distributed.all_reduce_scalar(float(reached.sum())) / max(n_all, 1)  # over every rank's images
             history.append(rate)
             if rate >= 1 - self.delta:
                 break
-        return [Direction(v.reshape(-1).cpu(), meta={"fooling_rate_per_pass": history})]
+        key = "fooling_rate_per_pass" if self.target_class is None else "targeted_success_per_pass"
+        return [Direction(v.reshape(-1).cpu(), meta={key: history})]
 
-    def _batched_pass(self, model, x, clean, order, v, eps, desc):
+    def _batched_pass(self, model, x, clean, order, v, eps, norm, desc):
         """One pass of the batched variant over the images ``order``; returns the new ``v``."""
         with tqdm(total=order.numel(), desc=desc, leave=False, unit="img", disable=not distributed.is_main()) as bar:
             for s in range(0, order.numel(), self.batch):
                 idx = order[s:s + self.batch]  # CPU indices: an ImageRows reads these rows
                 xb = (x[idx].to(v.device) + v).clamp(0, 1)
                 with torch.no_grad():
-                    todo = model(xb).argmax(1) == clean[idx]
+                    todo = ~self._reached(model(xb).argmax(1), clean[idx])
                 if todo.any():
-                    r = deepfool_batch(model, xb[todo], max_iter=self.max_iter, overshoot=self.overshoot)
-                    v = project_l2(v + r.sum(0, keepdim=True), eps)
+                    r = self._deepfool(model, xb[todo], norm, True)
+                    v = project(v + r.sum(0, keepdim=True), eps, norm)
                 bar.update(idx.numel())
         return v
 

@@ -16,7 +16,7 @@ class RandomizedSVDUAP(UAPMethod):
     rows.  With ``single_pass=True``, one pass (:func:`uapx.linalg.single_pass_svd`) for sets too
     large to read twice: range sketch of ``k + oversample`` columns, co-range sketch of twice that
     plus one rows; ``power_iters`` does not apply.  Singular vectors have no sign: their UAPs are
-    evaluated as +v and -v and the better is kept.
+    evaluated as +v and -v and the better is kept; under ``norm="linf"`` each becomes ``eps * sign(v)``.
 
     Accuracy: a single pass is only as good as the tail energy allows (error ~ ``tau_{k+1}``).  On
     slowly decaying spectra, such as MNIST perturbations, its singular values come out inflated and
@@ -29,12 +29,12 @@ class RandomizedSVDUAP(UAPMethod):
     description = "top-k right singular vectors by randomized SVD, streamed (optionally one pass; both signs evaluated)"
 
     def __init__(self, *, k: int = 5, oversample: int = 10, power_iters: int = 2, center: bool = False,
-                 single_pass: bool = False, seed: int = 0, per_class: bool = True) -> None:
+                 single_pass: bool = False, seed: int = 0, per_class: bool = True, norm: str | None = None) -> None:
         for setting, value, low in (("k", k, 1), ("oversample", oversample, 0), ("power_iters", power_iters, 0)):
             if isinstance(value, bool) or int(value) != value or value < low:
                 raise uapx.UapxError(f"rsvd: {setting} must be a whole number >= {low}, got {value!r}",
                                      f"pass {setting} >= {low}")
-        super().__init__(per_class=per_class)
+        super().__init__(per_class=per_class, norm=norm)
         self.k, self.oversample, self.power_iters = int(k), int(oversample), int(power_iters)
         self.center, self.single_pass, self.seed = center, single_pass, seed
 

@@ -11,19 +11,21 @@ class SVDUAP(UAPMethod):
 
     ``solver="gram"`` streams the rows once into a ``d x d`` Gram matrix (float64);
     ``solver="lapack"`` runs LAPACK's SVD on the whole matrix.  Singular vectors have no sign:
-    their UAPs are evaluated as +v and -v and the better is kept.
+    their UAPs are evaluated as +v and -v and the better is kept.  Under ``norm="linf"`` each
+    singular vector becomes ``eps * sign(v)``.
     """
 
     name = "svd"
     supports_distributed = True
     description = "top-k right singular vectors of the perturbation matrix (exact; both signs evaluated)"
 
-    def __init__(self, *, k: int = 5, center: bool = False, solver: str = "gram", per_class: bool = True) -> None:
+    def __init__(self, *, k: int = 5, center: bool = False, solver: str = "gram", per_class: bool = True,
+                 norm: str | None = None) -> None:
         if solver not in ("gram", "lapack"):
             raise uapx.UapxError(f"unknown svd solver {solver!r}", "choose gram or lapack")
         if k < 1:
             raise uapx.UapxError(f"svd: k must be >= 1 (directions asked for), got {k}", "pass --k 1 or more")
-        super().__init__(per_class=per_class)
+        super().__init__(per_class=per_class, norm=norm)
         self.k, self.center, self.solver = k, center, solver
 
     def directions(self, pset):
