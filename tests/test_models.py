@@ -18,6 +18,8 @@ from uapx.errors import UapxError
 from uapx.models import build, save_model
 from uapx.models.architectures import ROBUSTNESS_CIFAR_MEAN, ROBUSTNESS_CIFAR_STD
 
+from nets import randomize_bn as _randomize_bn
+
 
 @pytest.fixture(autouse=True)
 def _no_trust(monkeypatch):
@@ -41,20 +43,6 @@ def _one_line_error(exc_info: pytest.ExceptionInfo) -> str:
     err = exc_info.value
     assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)
     return msg
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters, so that eval mode is tested."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
 
 
 # -- architectures -------------------------------------------------------------------------------

@@ -84,15 +84,7 @@ def test_image_size_needs_imagefolder():
     assert "imagefolder" in _one_line(e)
 
 
-class _Tensors(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
+_Tensors = torch.utils.data.TensorDataset  # (image, label) pairs of two tensors
 
 
 def test_dataset_adapter_and_image_rows():

@@ -11,19 +11,7 @@ import uapx.models
 from uapx.errors import UapxError
 from uapx.models.factory import IMAGENET_MEAN, IMAGENET_STD, normalization, parse_model_args
 
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so that the eval-mode forward is what is compared."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
+from nets import randomize_bn as _randomize_bn
 
 
 def _one_line(exc_info) -> str:

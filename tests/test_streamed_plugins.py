@@ -11,17 +11,6 @@ import torch
 from uapx.image_sources import ImageRows, blocks, from_dataset
 
 
-class _Tensors(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], int(self.y[i])
-
-
 @pytest.fixture
 def streamed(monkeypatch):
     """``rows(x, y)``: an ImageRows over the images whose whole-tensor fallback is an error."""
@@ -29,7 +18,7 @@ def streamed(monkeypatch):
         raise AssertionError("a plugin read every image at once")
 
     monkeypatch.setattr(ImageRows, "materialized", refuse)
-    return lambda x, y: ImageRows(from_dataset(_Tensors(x, y)))
+    return lambda x, y: ImageRows(from_dataset(torch.utils.data.TensorDataset(x, y)))
 
 
 def test_blocks_cover_the_rows_in_order_in_bounded_pieces():

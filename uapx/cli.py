@@ -362,9 +362,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print(f"{'uap':<28} {'eps':>6} {'fooling':>8} {'accuracy':>8} sign")
     for name, ev in res["evaluations"].items():
         print(f"{name:<28} {ev['eps']:>6g} {ev['fooling_rate']:>8.4f} {ev['accuracy']:>8.4f} {ev['sign']:+d}")
-    for eps, b in res["random_baseline"].items():
-        print(f"{'random (mean of ' + str(b['draws']) + ')':<28} {float(eps):>6g} "
-              f"{b['fooling_rate']['mean']:>8.4f} {b['accuracy']['mean']:>8.4f}")
+    for key, b in res["random_baseline"].items():  # key: eps, with the norm and target where not L2/untargeted
+        label = f"random ({key}, mean of {b['draws']})" if ":" in key else f"random (mean of {b['draws']})"
+        print(f"{label:<28} {b['eps']:>6g} {b['fooling_rate']['mean']:>8.4f} {b['accuracy']['mean']:>8.4f}")
+    for name, ev in res["evaluations"].items():
+        if ev.get("targeted_success") is not None:
+            print(f"{name}: targeted success -> class {ev['target_class']} {ev['targeted_success']:.4f}")
     return 0
 
 
