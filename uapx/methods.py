@@ -69,7 +69,8 @@ class UAP:
     def __repr__(self) -> str:
         cls = "" if self.source_class is None else f", source_class={self.source_class}"
         cls += "" if self.target_class is None else f", target_class={self.target_class}"
-        return f"UAP({self.name!r}, shape={tuple(self.vector.shape)}, eps={self.eps:g}, norm={self.norm!r}{cls})"
+        ball = "" if self.norm == "l2" else f", norm={self.norm!r}"
+        return f"UAP({self.name!r}, shape={tuple(self.vector.shape)}, eps={self.eps:g}{ball}{cls})"
 
 
 def singular_directions(res) -> list[Direction]:
