@@ -257,3 +257,31 @@ def test_targeted_linf_run_reports_targeted_success(tmp_path):
     v = torch.load(out / "uaps.pt", weights_only=False)["uaps"][0]["vector"]
     assert torch.allclose(v.abs(), torch.full_like(v, rep["config"]["eps"]))  # eps * sign
     assert "targeted success" in (out / "index.html").read_text()
+
+
+def test_plugins_that_cannot_honour_the_norm_or_target_are_named():
+    from uapx import UapxError
+    from uapx.methods import UAPMethod, check_threat_model
+
+    class Fixed(UAPMethod):  # its own constructor, without norm: it makes the attack's norm only
+        name, needs_model = "fixed", True
+
+        def __init__(self, *, per_class: bool = False) -> None:
+            super().__init__(per_class=per_class)
+
+    class Untargeted:
+        name, norm = "plain-attack", "l2"
+
+        def __init__(self, *, eps: float) -> None:
+            self.eps = eps
+
+    reg = get_registry()
+    pgd_l2, svd = reg.get("pgd-l2", "attack").cls, reg.get("svd", "method").cls
+    check_threat_model(pgd_l2, [svd, Fixed], norm="l2", target_class=None)  # nothing to honour
+    check_threat_model(pgd_l2, [svd], norm="linf", target_class=3)
+    with pytest.raises(UapxError, match="'fixed' takes no norm setting"):
+        check_threat_model(pgd_l2, [Fixed], norm="linf", target_class=None)
+    with pytest.raises(UapxError, match="'fixed' takes no target class"):
+        check_threat_model(pgd_l2, [Fixed], norm="l2", target_class=3)
+    with pytest.raises(UapxError, match="'plain-attack' takes no target class"):
+        check_threat_model(Untargeted, [svd], norm="l2", target_class=3)
