@@ -257,6 +257,7 @@ def test_targeted_linf_run_reports_targeted_success(tmp_path):
     v = torch.load(out / "uaps.pt", weights_only=False)["uaps"][0]["vector"]
     assert torch.allclose(v.abs(), torch.full_like(v, rep["config"]["eps"]))  # eps * sign
     assert "targeted success" in (out / "index.html").read_text()
+    assert any("targeted-success" in p.name for p in out.rglob("*.png"))  # the plot beside the table
 
 
 def test_plugins_that_cannot_honour_the_norm_or_target_are_named():

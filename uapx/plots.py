@@ -123,6 +123,34 @@ def add_uap_plots(report: "Report", analysis: "Analysis", baseline: dict) -> Non
                     f"Fooling rate (prediction changed) {where} of each global UAP and of {base['draws']} random "
                     "directions of the same norm (pooled), with Wilson 95 % intervals"
                     + ("; triangles: the in-sample rate on the fit images." if held is not None else "."))
+    add_targeted_plot(report, analysis, base)
+
+
+def add_targeted_plot(report: "Report", analysis: "Analysis", baseline: dict) -> None:
+    """Targeted UAPs (section ``uaps``): the targeted success rate of every global UAP against the
+    random control of the same norm and target, Wilson 95 % error bars (held-out where there is a
+    held-out set); nothing for untargeted UAPs."""
+    glob = [u for u in _global(analysis) if getattr(u, "target_class", None) is not None]
+    ts = baseline.get("targeted_success")
+    if not glob or not ts:
+        return
+    held = analysis.heldout
+    shown = held.evaluations if held is not None else analysis.evaluations
+    effects = [shown[u.name].best for u in glob]
+    vals = [100 * e.targeted_success for e in effects] + [100 * ts["mean"]]
+    ci = [e.targeted_wilson95 for e in effects] + [tuple(ts["wilson95"])]
+    err = [[max(0.0, v - 100 * lo) for v, (lo, _) in zip(vals, ci)], [max(0.0, 100 * hi - v) for v, (_, hi) in zip(vals, ci)]]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(glob) + 2), 3.2))
+    ax.bar(range(len(vals)), vals, color=["#c44e52"] * len(glob) + ["#999999"])
+    ax.errorbar(range(len(vals)), vals, yerr=err, fmt="none", color="k", capsize=3)
+    ax.set_xticks(range(len(vals)), [u.name for u in glob] + ["random"], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("targeted success (%)")
+    ax.set_title(f"Targeted UAPs vs random directions, {ball_words(analysis)} {analysis.eps:g}", fontsize=9)
+    where = f"the {held.n_images} held-out images" if held is not None else f"the {analysis.n_images} fit images"
+    report.add_plot("uaps", "targeted-success", fig,
+                    f"Targeted success rate (share of {where} not already classified as the target that the UAP "
+                    f"sends to it) of each global UAP and of {baseline['draws']} random directions of the same "
+                    "norm (pooled), with Wilson 95 % intervals.")
 
 
 HELD_OUT_WORDS = {"split": "another split than the fit images'",
