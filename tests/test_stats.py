@@ -22,19 +22,26 @@ def test_bootstrap_se_of_mean_matches_sd_over_sqrt_n():
     assert stats.bootstrap_se(v, seed=0, reps=2000) == pytest.approx(analytic, rel=0.08)
 
 
-def test_bootstrap_rows_covers_the_population_value():
-    # rows of a rank-1 + noise matrix: sigma1/sigma2 of the population lies inside the interval
-    g = torch.Generator().manual_seed(0)
-    D = torch.randn(2000, 10, generator=g, dtype=torch.float64)
-    D[:, 0] *= 3.0  # population sigma1/sigma2 -> 3
+def test_subsample_interval_of_a_mean_matches_the_analytic_standard_error():
+    # rows ~ N(mu, 1): the half-sampling s.e. of the column mean is s / sqrt(N) (SciPy's sem), the interval
+    # contains the estimate, and over seeds it covers mu at about the nominal rate
+    covered = 0
+    for seed in range(40):
+        D = torch.from_numpy(np.random.default_rng(seed).normal(2.0, 1.0, size=(400, 1)))
+        r = stats.subsample_rows(D, lambda m: m.mean(0), seed=seed, reps=200)
+        assert r["se"][0] == pytest.approx(float(sps.sem(D[:, 0].numpy())), rel=0.2)
+        assert r["low"][0] <= r["value"][0] <= r["high"][0]
+        covered += r["low"][0] <= 2.0 <= r["high"][0]
+    assert covered >= 34  # 85 % of 40 (nominal 95 %)
 
-    def ratio(m):
-        s = torch.linalg.svdvals(m)
-        return (s[0] / s[1]).reshape(1)
 
-    r = stats.bootstrap_rows(D, ratio, seed=1, reps=200)
-    assert r["low"][0] < r["value"][0] < r["high"][0]
-    assert r["low"][0] < 3.0 * 1.15 and r["high"][0] > 3.0 * 0.85
+def test_subsample_pool_bounds_the_rows_and_rescales_to_all_of_them():
+    D = torch.from_numpy(np.random.default_rng(0).normal(size=(20_000, 1)))
+    r = stats.subsample_rows(D, lambda m: m.mean(0), seed=0, reps=300)
+    assert (r["pool"], r["rows"]) == (stats.SUBSAMPLE_POOL_ROWS, stats.SUBSAMPLE_MAX_ROWS)
+    assert r["se"][0] == pytest.approx(1 / math.sqrt(20_000), rel=0.2)  # the s.e. at N, not at the pool's size
+    pool = stats.subsample_pool(20_000, seed=3)
+    assert len(set(pool.tolist())) == len(pool) == stats.SUBSAMPLE_POOL_ROWS and torch.equal(pool, pool.sort().values)
 
 
 def test_diff_interval_analytic():

@@ -125,6 +125,19 @@ def top_svd_gram(chunks: Iterable[torch.Tensor], d: int, k: int, *, center: bool
                   (mean if center else torch.zeros(d, dtype=torch.float64)).float(), float(evals.clamp_min(0).sum()))
 
 
+def row_gram(chunks: Iterable[torch.Tensor], n: int, d: int, rows: torch.Tensor) -> torch.Tensor:
+    """One pass: the Gram matrix ``R R^T`` ``(P, P)`` float64 of the rows ``R`` at the ascending
+    positions ``rows`` ``(P,)`` of an ``(n, d)`` matrix streamed in row blocks; only those ``P`` rows
+    are held.  A subset of them is a principal submatrix of it (no second look at the rows)."""
+    held = torch.empty(len(rows), d, dtype=torch.float64)
+    at = 0
+    for sl, b in _blocks(chunks, n, d):
+        stop = at + int(torch.searchsorted(rows[at:], sl.stop))
+        held[at:stop] = b[rows[at:stop] - sl.start].to(torch.float64)
+        at = stop
+    return held @ held.T
+
+
 def top_svd_lapack(matrix: torch.Tensor, k: int, *, center: bool = False) -> TopSVD:
     """Exact top-``k`` SVD of an in-memory ``(N, d)`` matrix with LAPACK (float64)."""
     if distributed.active():

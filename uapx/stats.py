@@ -4,8 +4,9 @@
   (so any prefix or contiguous shard of it is itself a stratified draw);
 - :func:`wilson`: the Wilson score interval of a binomial rate (fooling rates);
 - :func:`bootstrap_se` / :func:`bootstrap_means`: bootstrap over images of a per-image mean;
-- :func:`bootstrap_rows`: bootstrap over the rows of a matrix of any statistic of it
-  (e.g. singular-value ratios of the perturbation matrix);
+- :func:`subsample_interval` / :func:`subsample_rows`: half-sampling (subsamples without
+  replacement) over the rows of a matrix of any statistic of it (e.g. singular-value ratios of the
+  perturbation matrix), at a cost bounded independently of the number of rows;
 - :func:`diff_interval`: the normal 95 % interval of a difference of two independent estimates.
 """
 from __future__ import annotations
@@ -91,18 +92,72 @@ def mean_se(values: torch.Tensor, *, seed: int) -> dict:
             "n": int(v.numel())}
 
 
-def bootstrap_rows(D: torch.Tensor, stat: Callable[[torch.Tensor], torch.Tensor], *, seed: int,
-                   reps: int = 200, level: float = 0.95) -> dict:
-    """Percentile bootstrap over the rows of ``D`` ``(N, d)`` of ``stat(D) -> (k,)``.
+SUBSAMPLE_MAX_ROWS = 500  # m: the rows of one subsample, at most (an m x m eigendecomposition per replicate)
+SUBSAMPLE_POOL_ROWS = 2000  # P: the rows the subsamples are drawn from, at most (their P x P Gram is built once)
+SUBSAMPLE_REPS = 200
 
-    Returns ``{"value": (k,), "se": (k,), "low": (k,), "high": (k,)}`` as lists."""
+
+def subsample_pool(n: int, *, seed: int) -> torch.Tensor:
+    """Ascending positions ``(P,)`` of a seeded uniform draw without replacement of
+    ``P = min(n, SUBSAMPLE_POOL_ROWS)`` of ``n`` rows (all of them when ``n <= P``)."""
+    if n <= SUBSAMPLE_POOL_ROWS:
+        return torch.arange(n)
     g = torch.Generator().manual_seed(seed)
-    value = stat(D).double()
-    reps_ = torch.stack([stat(D[torch.randint(0, D.shape[0], (D.shape[0],), generator=g)]).double()
-                         for _ in range(reps)])
+    return torch.randperm(n, generator=g)[:SUBSAMPLE_POOL_ROWS].sort().values
+
+
+def subsample_interval(stat: Callable[[torch.Tensor], torch.Tensor], value: torch.Tensor, pool: int, *,
+                       n: int | None = None, m: int | None = None, seed: int, reps: int = SUBSAMPLE_REPS,
+                       level: float = 0.95) -> dict:
+    """Half-sampling interval of a statistic of rows: subsamples WITHOUT replacement (Politis, Romano
+    and Wolf 1999, "Subsampling"; the delete-d jackknife of Shao and Wu 1989), never the
+    with-replacement bootstrap, whose duplicated rows inflate spectral ratios when rows < columns.
+
+    ``value`` ``(k,)`` is the estimate on all ``n`` rows; ``stat(idx) -> (k,)`` the same statistic on
+    the rows ``idx`` ``(m,)`` (positions in ``range(pool)``) of a pool of ``pool`` of those rows
+    (``pool = n`` by default; a seeded uniform draw of them otherwise, :func:`subsample_pool`).
+    With ``theta_b`` the statistic on ``reps`` subsamples of ``m = min(pool // 2,
+    SUBSAMPLE_MAX_ROWS)`` rows, ``med`` their median and ``q_lo, q_hi`` their ``(1 -+ level) / 2``
+    quantiles, the interval is the reflected (basic) one, centred on the estimate::
+
+        f = sqrt(m pool / (n (pool - m)))            (= 1 for m = n / 2)
+        low = value - f (q_hi - med),  high = value + f (med - q_lo),  se = f sd(theta_b)
+
+    ``f`` is exact for a mean: ``Var(theta_m - theta_pool) = s^2 (1/m - 1/pool)`` for draws without
+    replacement against ``Var(theta_n) = s^2 / n`` (Politis-Romano's ``sqrt(m / n)`` omits the
+    finite-population factor and would be too narrow by ``sqrt(2)`` at ``m = n/2``).  Centring on
+    ``med`` rather than on ``value`` keeps the estimate inside its interval; ``shift = med - value``
+    is reported beside it: how much the figure moves at ``m`` rows (a statistic that depends on the
+    number of rows, e.g. a spectrum's noise floor when rows < columns, has a bias of that order,
+    which no resampling interval removes).
+
+    Returns lists ``{"se", "low", "high", "shift"}`` ``(k,)`` and ``{"rows": m, "pool", "reps",
+    "scale": f}``."""
+    n = pool if n is None else int(n)
+    m = min(pool // 2, SUBSAMPLE_MAX_ROWS) if m is None else int(m)
+    if not 1 <= m < pool <= n:
+        raise ValueError(f"need 1 <= m < pool <= n, got m={m}, pool={pool}, n={n}")
+    g = torch.Generator().manual_seed(seed)
+    reps_ = torch.stack([stat(torch.randperm(pool, generator=g)[:m]).double() for _ in range(reps)])
     a = (1 - level) / 2
-    q = torch.quantile(reps_, torch.tensor([a, 1 - a], dtype=torch.float64), dim=0)
-    return {"value": value.tolist(), "se": reps_.std(0).tolist(), "low": q[0].tolist(), "high": q[1].tolist()}
+    q = torch.quantile(reps_, torch.tensor([a, 0.5, 1 - a], dtype=torch.float64), dim=0)
+    f = math.sqrt(m * pool / (n * (pool - m)))
+    v = value.double()
+    return {"se": (f * reps_.std(0)).tolist(), "low": (v - f * (q[2] - q[1])).tolist(),
+            "high": (v + f * (q[1] - q[0])).tolist(), "shift": (q[1] - v).tolist(),
+            "rows": m, "pool": pool, "reps": reps, "scale": f}
+
+
+def subsample_rows(D: torch.Tensor, stat: Callable[[torch.Tensor], torch.Tensor], *, seed: int,
+                   reps: int = SUBSAMPLE_REPS, level: float = 0.95) -> dict:
+    """:func:`subsample_interval` of ``stat(D) -> (k,)`` over the rows of an in-memory ``D`` ``(N, d)``;
+    also returns ``"value"`` ``(k,)`` (the estimate on every row)."""
+    pool = subsample_pool(D.shape[0], seed=seed)
+    Dp = D[pool]
+    value = stat(D).double()
+    return {"value": value.tolist(),
+            **subsample_interval(lambda idx: stat(Dp[idx]), value, len(pool), n=D.shape[0], seed=seed + 1, reps=reps,
+                                 level=level)}
 
 
 def diff_interval(a: float, se_a: float, b: float, se_b: float, z: float = Z95) -> dict:

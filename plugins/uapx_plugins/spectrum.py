@@ -12,7 +12,8 @@ import torch
 
 import uapx
 from uapx.diagnostics import Diagnostic, DiagnosticResult
-from uapx.linalg import exact_svd_fits, randomized_svd, top_svd_gram
+from uapx import stats
+from uapx.linalg import exact_svd_fits, randomized_svd, row_gram, top_svd_gram
 from uapx.plots import class_name, plt
 
 
@@ -28,9 +29,6 @@ def spectrum_figures(S: torch.Tensor, total_energy: float, *, fraction: float) -
         "effective_rank": float(torch.exp(-(nz * nz.log()).sum())),
         f"count_above_{fraction:g}_sigma1": int((s >= fraction * s[0]).sum()),
     }
-
-
-BOOTSTRAP_MAX_ELEMENTS = 50_000_000  # N * d above which the bootstrap over rows is skipped (memory)
 
 
 def talk_figures(S: torch.Tensor, total_energy: float) -> dict:
@@ -50,33 +48,34 @@ def talk_figures(S: torch.Tensor, total_energy: float) -> dict:
 TALK_KEYS = ("sigma1_over_sigma2", "sigma1_over_sigma10", "sigma5_over_sigma1", "energy_share")
 
 
-def _ratios_from_eig(ev: torch.Tensor) -> torch.Tensor:
-    """``TALK_KEYS`` from the eigenvalues ``ev`` of a Gram matrix (squared singular values)."""
-    s = ev.clamp_min(0).sort(descending=True).values.sqrt()
-    f = talk_figures(s, float((s ** 2).sum()))
+def _ratios_from_gram(G: torch.Tensor) -> torch.Tensor:
+    """``TALK_KEYS`` ``(4,)`` from a row Gram matrix ``G = R R^T`` ``(m, m)``: its eigenvalues are the
+    squared singular values of ``R`` and its trace is ``||R||_F^2``."""
+    s = torch.linalg.eigvalsh(G).flip(0)[:10].clamp_min(0).sqrt()
+    f = talk_figures(s, float(G.diagonal().sum()))
     return torch.tensor([f[k] for k in TALK_KEYS], dtype=torch.float64)
 
 
-def bootstrap_ratios(D: torch.Tensor, *, seed: int, reps: int = 100) -> dict:
-    """95 % percentile bootstrap intervals over the rows of ``D`` ``(N, d)`` of ``TALK_KEYS`` (by the
-    eigenvalues of the resampled Gram matrix: N x N when N <= d, else d x d weighted)."""
-    D = D.double()
-    N, d = D.shape
-    g = torch.Generator().manual_seed(seed)
-    G = D @ D.T if N <= d else None
-    reps_ = []
-    for _ in range(reps):
-        idx = torch.randint(0, N, (N,), generator=g)
-        if G is not None:
-            ev = torch.linalg.eigvalsh(G[idx][:, idx])
-        else:
-            w = torch.bincount(idx, minlength=N).double()
-            ev = torch.linalg.eigvalsh(D.T @ (w[:, None] * D))
-        reps_.append(_ratios_from_eig(ev))
-    r = torch.stack(reps_)
-    q = torch.quantile(r, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
-    return {k: {"se": float(r[:, i].std()), "low": float(q[0, i]), "high": float(q[1, i])}
-            for i, k in enumerate(TALK_KEYS)}
+def ratio_intervals(chunks, n: int, d: int, value: dict, *, seed: int, reps: int = stats.SUBSAMPLE_REPS) -> dict:
+    """95 % half-sampling intervals (:func:`uapx.stats.subsample_interval`) of ``TALK_KEYS`` of an
+    ``(n, d)`` matrix streamed as ``chunks``, around its full-matrix figures ``value``.
+
+    The row Gram matrix of a pool of ``P = min(n, SUBSAMPLE_POOL_ROWS)`` rows (a seeded draw) is built
+    once, in one pass that holds only those rows; each replicate is the eigenvalues of an ``m x m``
+    principal submatrix of it, ``m = min(P / 2, SUBSAMPLE_MAX_ROWS)``: the cost is bounded whatever ``n``.  Returns
+    ``{key: {"se", "low", "high", "shift"}}`` and ``"method"``: the rows, pool and replicates used."""
+    pool = stats.subsample_pool(n, seed=seed)
+    G = row_gram(chunks, n, d, pool)
+    v = torch.tensor([value[k] for k in TALK_KEYS], dtype=torch.float64)
+    r = stats.subsample_interval(lambda idx: _ratios_from_gram(G[idx][:, idx]), v, len(pool), n=n, seed=seed + 1,
+                                 reps=reps)
+    out = {k: {s_: r[s_][i] for s_ in ("se", "low", "high", "shift")} for i, k in enumerate(TALK_KEYS)}
+    out["method"] = {"what": f"half-sampling without replacement: {r['reps']} subsamples of {r['rows']} of "
+                             f"{r['pool']} rows{' (a seeded draw of the ' + str(n) + ')' if r['pool'] < n else ''}, "
+                             "reflected quantile interval centred on the estimate, width scaled by "
+                             f"sqrt(m P / (N (P - m))) = {r['scale']:.3g}",
+                     **{k: r[k] for k in ("rows", "pool", "reps", "scale")}, "n": n}
+    return out
 
 
 def random_rows_like(chunks, *, seed: int):
@@ -89,7 +88,7 @@ def random_rows_like(chunks, *, seed: int):
 
 def controlled_figures(pset, *, seed: int, top: int, bootstrap: bool = True) -> dict:
     """The talk's figures of ``pset``'s matrix D beside its random control (rows of the same norms),
-    each with a bootstrap 95 % interval over rows, and the eigenvalues of the second-moment matrix
+    each with a 95 % half-sampling interval over rows (:func:`ratio_intervals`), and the eigenvalues of the second-moment matrix
     D^T D / N and of the covariance matrix of the rows (the talk's eigen-spectra)."""
     from uapx import distributed
 
@@ -106,11 +105,11 @@ def controlled_figures(pset, *, seed: int, top: int, bootstrap: bool = True) -> 
     ev = out["eigenvalues_second_moment"]
     out["figures"]["eigenvalue1_over_eigenvalue2"] = ev[0] / ev[1] if len(ev) > 1 and ev[1] > 0 else math.inf
     out["figures"]["eigenvalue5_over_eigenvalue1"] = ev[4] / ev[0] if len(ev) > 4 and ev[0] > 0 else math.nan
-    if bootstrap and not distributed.active() and len(pset) * pset.d <= BOOTSTRAP_MAX_ELEMENTS and len(pset) > 2:
-        D = pset.matrix()
-        out["bootstrap95"] = bootstrap_ratios(D, seed=seed)
-        C = torch.cat(list(random_rows_like(D.split(4096), seed=seed)))
-        out["control"]["bootstrap95"] = bootstrap_ratios(C, seed=seed + 1)
+    if bootstrap and not distributed.active() and len(pset) > 2:
+        n, d = len(pset), pset.d
+        out["bootstrap95"] = ratio_intervals(pset.chunks(), n, d, out["figures"], seed=seed)
+        out["control"]["bootstrap95"] = ratio_intervals(random_rows_like(pset.chunks(), seed=seed), n, d,
+                                                        out["control"], seed=seed + 2)
     return out
 
 
@@ -174,8 +173,13 @@ class SpectrumDiagnostic(Diagnostic):
             summary += " Against the random-rows control: " + "; ".join(
                 f"{k} {t['figures'][k]:.3g}{ci(k, bi)} vs {t['control'][k]:.3g}"
                 f"{ci(k, t['control'].get('bootstrap95', {}))}"
-                for k in ("sigma1_over_sigma2", "sigma1_over_sigma10", "energy_share")) + \
-                " (95 % bootstrap intervals over rows)."
+                for k in ("sigma1_over_sigma2", "sigma1_over_sigma10", "energy_share")) + "."
+            if "method" in bi:
+                how = bi["method"]
+                summary += (f" 95 % intervals by half-sampling rows without replacement ({how['reps']} subsamples "
+                            f"of {how['rows']} rows" + (f", drawn from {how['pool']} of the {how['n']} rows: the "
+                                                        f"interval was computed on subsamples of {how['rows']} rows"
+                                                        if how["pool"] < how["n"] else "") + ").")
         return DiagnosticResult({"global": glob, "per_class": per_class, "center": self.center},
                                 [("singular-values", fig, "Singular values of the perturbation matrix (log scale), "
                                   "all images and each class.")], summary)
