@@ -16,15 +16,16 @@ from uapx.methods import load_uaps
 
 from plugin_dists import write_distribution
 
-ARGS = ["analyze", "--plugins", "average,svd,rsvd,spectrum", "--n-samples", "150", "--steps", "3",
+ARGS = ["analyze", "--plugins", "average,svd,rsvd,spectrum", "--n-samples", "300", "--steps", "3",
         "--batch-size", "50", "--random-draws", "2", "--k", "4",
         "--set", "rsvd.oversample=20", "--set", "rsvd.power_iters=4"]
 
 
+# (a sample of 2N images: the UAPs are fitted on N, judged on the other N held out)
 # every other built-in: 120 images, 60 per rank; the first 50 (landscape) lie on rank 0 alone (rank 1
 # takes part with none), the first 100 (trajectory, the default --trajectory-samples) straddle both
 OTHERS = ["analyze", "--plugins", "average,landscape,trajectory,interpretability,sgd-uap,deepfool-uap",
-          "--n-samples", "120", "--steps", "3", "--batch-size", "40", "--random-draws", "2",
+          "--n-samples", "240", "--steps", "3", "--batch-size", "40", "--random-draws", "2",
           "--set", "landscape.images=50", "--set", "landscape.points=5", "--set", "landscape.grid=3",
           "--set", "trajectory.restarts=3", "--set", "sgd-uap.epochs=1", "--set", "sgd-uap.batch_size=32",
           "--set", "deepfool-uap.max_images=20"]
@@ -83,6 +84,10 @@ def test_two_ranks_give_the_same_uaps_and_evaluation(reports):
         assert abs(float(ua[name].vector.flatten() @ ub[name].vector.flatten())) / 4.0 > 1 - 1e-4
     assert b["attack"]["adversarial_accuracy"] == a["attack"]["adversarial_accuracy"]
     assert b["uaps"]["evaluations"]["average"]["fooling_rate"] == a["uaps"]["evaluations"]["average"]["fooling_rate"]
+    ha, hb = a["uaps"]["held_out"], b["uaps"]["held_out"]  # the held-out images, sharded over the ranks
+    assert ha["n_images"] == hb["n_images"] == 150 and ha["class_counts"] == hb["class_counts"]
+    assert hb["evaluations"]["average"]["fooling_rate"] == ha["evaluations"]["average"]["fooling_rate"]
+    assert hb["random_baseline"]["fooling_rate"]["mean"] == ha["random_baseline"]["fooling_rate"]["mean"]
 
 
 def test_landscape_and_trajectory_use_the_global_first_images(other_reports):

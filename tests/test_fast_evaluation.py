@@ -125,16 +125,17 @@ def test_prepared_copy_follows_weight_changes():
 
 
 def test_defaults_per_norm_and_data_set():
-    from uapx.pipeline import AnalyzeConfig, defaults_applied
+    from uapx.pipeline import AnalyzeConfig, attack_norm, defaults_applied
+    from uapx.registry import get_registry
 
     for attack, dataset, eps in (("pgd-linf", "mnist", 0.3), ("pgd-linf", "cifar10", 8 / 255),
                                  ("pgd-l2", "mnist", 2.0), ("pgd-l2", "cifar10", 0.5)):
         given = AnalyzeConfig(attack=attack, dataset=dataset)
         c = given.resolved()
         assert c.eps == pytest.approx(eps) and c.step_size == pytest.approx(2.5 * eps / c.steps)
-        applied = defaults_applied(given, c)
+        applied = defaults_applied(given, c, attack_norm(get_registry().components[attack]))
         assert applied["eps"] == pytest.approx(eps) and applied["norm"] == attack[4:]
-    assert "eps" not in defaults_applied(AnalyzeConfig(eps=1.0), AnalyzeConfig(eps=1.0).resolved())
+    assert "eps" not in defaults_applied(AnalyzeConfig(eps=1.0), AnalyzeConfig(eps=1.0).resolved(), "l2")
     with pytest.raises(UapxError, match="Linf eps of 1"):
         AnalyzeConfig(attack="pgd-linf", eps=1.0).resolved()
 

@@ -110,12 +110,19 @@ def test_python_api_takes_a_module_and_a_dataset(tmp_path):
     cfg = uapx.AnalyzeConfig(plugins=["average"], steps=3, eps=1.0, random_draws=2, out=str(tmp_path / "r"),
                              eval_precision="float32")
     res = uapx.analyze(cfg, model=net, data=_Tensors(x, y))
-    assert res.analysis.num_classes == 5 and res.report["data"]["n_images"] == 40
+    # one data set: the sample is halved, the UAPs fitted on 20 images and judged on the other 20
+    assert res.analysis.num_classes == 5 and res.report["data"]["n_images"] == 20
+    held = res.analysis.heldout
+    assert held.n_images == 20 and held.protocol == "sample"
+    fit_rows = {tuple(r.flatten().tolist()) for r in res.analysis.x}
+    assert not fit_rows & {tuple(r.flatten().tolist()) for r in held.x}  # disjoint
     uap = next(u for u in res.analysis.uaps if u.name == "average")
-    with torch.no_grad():
-        clean = net(x).argmax(1)
-        fooled = (net((x + uap.vector).clamp(0, 1)).argmax(1) != clean).double().mean()
-    assert res.report["uaps"]["evaluations"]["average"]["plus"]["fooling_rate"] == pytest.approx(float(fooled))
+    for xs, figures in ((res.analysis.x, res.report["uaps"]["evaluations"]),
+                        (held.x, res.report["uaps"]["held_out"]["evaluations"])):
+        with torch.no_grad():
+            clean = net(xs).argmax(1)
+            fooled = (net((xs + uap.vector).clamp(0, 1)).argmax(1) != clean).double().mean()
+        assert figures["average"]["plus"]["fooling_rate"] == pytest.approx(float(fooled))
     with pytest.raises(UapxError) as e:  # more labelled classes than outputs: refused before any work
         uapx.analyze(replace(cfg, out=str(tmp_path / "r2")), model=nn.Sequential(nn.Flatten(), nn.Linear(64, 2)),
                      data=_Tensors(x, y))
@@ -129,15 +136,19 @@ def test_streamed_run_gives_the_in_memory_numbers(tmp_path, monkeypatch):
                   eval_precision="float32")
     mem = uapx.analyze(**common, out=str(tmp_path / "mem"))
     assert mem.analysis.pset.deltas is not None
-    monkeypatch.setattr(uapx.pipeline, "IN_MEMORY_BYTES", 200_000)  # 120 x 784 float32 rows are 376,320 bytes
+    # the fit half of the sample, 60 x 784 float32 rows, is 188,160 bytes (and so are the 60 held-out images)
+    monkeypatch.setattr(uapx.pipeline, "IN_MEMORY_BYTES", 100_000)
     disk = uapx.analyze(**common, out=str(tmp_path / "disk"))
     assert disk.analysis.pset.deltas is None and isinstance(disk.analysis.x, ImageRows)
+    assert isinstance(disk.analysis.heldout.x, ImageRows)
     assert not list(tmp_path.glob(".disk.tmp-scratch-*"))  # the scratch set is removed afterwards
     for a, b in zip(mem.analysis.uaps, disk.analysis.uaps):
         assert a.name == b.name
         torch.testing.assert_close(a.vector, b.vector, rtol=1e-4, atol=1e-6)
     ea, eb = mem.report["uaps"]["evaluations"], disk.report["uaps"]["evaluations"]
     assert {k: v["fooling_rate"] for k, v in ea.items()} == {k: v["fooling_rate"] for k, v in eb.items()}
+    ha, hb = mem.report["uaps"]["held_out"]["evaluations"], disk.report["uaps"]["held_out"]["evaluations"]
+    assert {k: v["fooling_rate"] for k, v in ha.items()} == {k: v["fooling_rate"] for k, v in hb.items()}
     sa = mem.report["diagnostics"]["spectrum"]["global"]["singular_values"]
     sb = disk.report["diagnostics"]["spectrum"]["global"]["singular_values"]
     np.testing.assert_allclose(sa, sb, rtol=1e-4)
@@ -181,7 +192,8 @@ def test_imagenet_size_end_to_end(tmp_path):
                           "--n-samples", "all", "--eval-precision", "float32", "--out", str(out)])
     assert code == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["data"]["shape"] == [3, 224, 224] and rep["data"]["n_images"] == 6
+    assert rep["data"]["shape"] == [3, 224, 224] and rep["data"]["n_images"] == 3  # and 3 held out
+    assert rep["uaps"]["held_out"]["n_images"] == 3 and rep["uaps"]["held_out"]["protocol"] == "sample"
     assert rep["model"]["format"] == "factory" and rep["model"]["normalize"]["std"] == [0.229, 0.224, 0.225]
     uaps = torch.load(out / "uaps.pt", weights_only=False)["uaps"]
     assert all(tuple(u["vector"].shape) == (3, 224, 224) for u in uaps)

@@ -75,9 +75,12 @@ def test_comparison_table_lists_every_global_uap_and_the_baseline(report, tmp_pa
     glob = [k for k in data["uaps"]["evaluations"] if ":class-" not in k]
     rows = re.findall(r"<tr><td>(.*?)</td>", table)
     assert rows == [*glob, "random (2 draws)"]
-    for name in glob:
-        fr = data["uaps"]["evaluations"][name]["fooling_rate"]
-        assert f"<tr><td>{name}</td><td>2</td><td>{100 * fr:.1f}%</td>" in table  # rates as percentages
+    for name in glob:  # the held-out rate (the figure) with its interval, then the in-sample one
+        held = data["uaps"]["held_out"]["evaluations"][name]
+        fr, (lo, hi) = held["fooling_rate"], held["fooling_rate_wilson95"]
+        ins = data["uaps"]["evaluations"][name]["fooling_rate"]
+        assert (f"<tr><td>{name}</td><td>2</td><td>{100 * fr:.1f}% [{100 * lo:.1f}%, {100 * hi:.1f}%]</td>"
+                f"<td>{100 * ins:.1f}%</td>") in table  # rates as percentages
 
 
 # Measures, in the rendered page, where the header, the best-UAP summary and each section's first
@@ -127,12 +130,15 @@ def test_header_summary_and_a_plot_per_section_are_visible(report, tmp_path):
     for section in sorted(expected):
         visible(f"the first plot of section {section!r}", rects["sections"][section])
     header_text = re.search(r"<header class=\"run\".*?</header>", dom, re.S).group(0)
-    for fact in ("zoo:mnist-natural", "mnist (test), 50 images", "seed", data["environment"]["uapx"]):
+    for fact in ("zoo:mnist-natural", "mnist (test), 25 images", "held-out images", "seed", data["environment"]["uapx"]):
         assert fact in html.unescape(header_text), fact
     best = max((e for e in data["uaps"]["evaluations"].values() if e["source_class"] is None),
-               key=lambda e: e["fooling_rate"])
+               key=lambda e: e["fooling_rate"])  # chosen on the fit images, judged on the held-out ones
+    held = data["uaps"]["held_out"]["evaluations"][best["name"]]
     summary = html.unescape(re.search(r"<p class=\"summary\">(Best global UAP.*?)</p>", dom).group(1))
-    assert summary.startswith(f"Best global UAP: {best['name']} fools {best['fooling_rate']:.1%}")
+    assert summary.startswith(f"Best global UAP (chosen on the fit images): {best['name']} fools "
+                              f"{held['fooling_rate']:.1%}")
+    assert "of 25 held-out images" in summary and f"in-sample: {best['fooling_rate']:.1%}" in summary
 
 
 def test_full_tables_are_folded_under_names_a_reader_understands(report, tmp_path):
@@ -169,9 +175,9 @@ def test_headline_verdict_follows_the_wilson_criterion(report, tmp_path):
     dom = html.unescape(chromium(tmp_path, "--dump-dom", (report / "index.html").as_uri()).stdout)
     data = json.loads((report / "report.json").read_text())
     best = max((e for e in data["uaps"]["evaluations"].values() if e["source_class"] is None),
-               key=lambda e: e["fooling_rate"])
-    low = best["fooling_rate_wilson95"][0]
-    high_random = data["uaps"]["random_baseline"]["fooling_rate"]["wilson95"][1]
+               key=lambda e: e["fooling_rate"])  # chosen on the fit images, judged on the held-out ones
+    low = data["uaps"]["held_out"]["evaluations"][best["name"]]["fooling_rate_wilson95"][0]
+    high_random = data["uaps"]["held_out"]["random_baseline"]["fooling_rate"]["wilson95"][1]
     verdict = re.search(r"<td>verdict</td><td><b>(.*?)</b>", dom).group(1)
     expected = ("fools more images than random directions" if low > high_random else
                 "not distinguishable from random directions")

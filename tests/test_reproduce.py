@@ -111,6 +111,13 @@ def test_reproduce_end_to_end_on_mnist(tmp_path, data_root):
     held = rep["runs"]["zoo:mnist-natural"]["held_out"]
     assert held["split"] == "test" and held["n_images"] == 60 and held["wilson95"][0] <= held["fooling_rate"]
     assert rep["findings_table"][0][0] == "finding"
+    sweep = rep["eps_sweep"]["mnist"]  # every model at each eps of uapx.defaults.STUDY_EPS_SWEEP
+    assert sweep["eps"] == [1.0, 2.0, 4.0] and sweep["study_eps"] == 2.0
+    for model, figs in sweep["per_model"].items():
+        assert [f["eps"] for f in figs] == [1.0, 2.0, 4.0] and all(f["held_out"] and f["sigma1_over_sigma2"] for f in figs)
+        assert figs[1]["held_out"] == rep["runs"][model]["held_out"]  # the study's eps is the study's run
+    assert (out / "mnist-l2-eps4" / "index.html").is_file()
+    assert any(p["section"] == "eps-sweep" for p in rep["plots"])
     assert (out / "mnist-natural" / "index.html").is_file()
     assert not (tmp_path / "study.parts").exists()
     page = (out / "index.html").read_text()

@@ -54,6 +54,40 @@ class MethodData:
         return MethodData(self.model, x, self.y[mask], self.device, self.batch_size, self.seed)
 
 
+@dataclass
+class HeldOut:
+    """The held-out images the UAPs are judged on: disjoint from the images they were fitted on.
+
+    Attributes:
+        x: ``(M, C, H, W)`` images in [0, 1] (this rank's shard under torchrun); y: ``(M,)``
+            labels; clean_pred: ``(M,)`` predictions on the clean images.
+        split: the split they were drawn from; protocol: ``"split"`` (a draw of another split than
+            the fit images') or ``"sample-half"`` (a class-stratified part of the one sample, the
+            rest of which the UAPs were fitted on).
+        n_images: held-out images over every torchrun rank (default ``len(x)``).
+        evaluations: every UAP's :class:`~uapx.evaluate.UAPEvaluation` on these images, by name;
+        random_baseline: random directions of the run's eps on them (``report.json``'s
+            ``uaps.held_out.random_baseline``).
+        indices: ``(M,)`` their positions in the data set (as ``pset.indices`` for the fit images).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    clean_pred: torch.Tensor
+    split: str = ""
+    protocol: str = "split"
+    n_images: int = 0
+    evaluations: dict[str, "UAPEvaluation"] = field(default_factory=dict)
+    random_baseline: dict | None = None
+    indices: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.n_images = self.n_images or int(self.x.shape[0])
+
+    def __repr__(self) -> str:
+        return f"HeldOut(split={self.split!r}, protocol={self.protocol!r}, n_images={self.n_images})"
+
+
 @dataclass(kw_only=True)
 class Analysis(MethodData):
     """What diagnostics receive: the :class:`MethodData` of the run plus its shared artefacts.
@@ -69,7 +103,10 @@ class Analysis(MethodData):
         model_id: how the model was named (e.g. ``"zoo:mnist-natural"``), for titles.
         trajectory_samples: how many images :meth:`trajectories` records.
         uaps: every UAP the methods produced; evaluations: their
-            :class:`~uapx.evaluate.UAPEvaluation` by UAP name.
+            :class:`~uapx.evaluate.UAPEvaluation` by UAP name, on the images they were fitted on
+            (in-sample).
+        heldout: the :class:`HeldOut` images (disjoint from ``x``) with every UAP's evaluation on
+            them -- the figure a UAP is judged by; ``None`` where the analysis has none.
     """
 
     pset: PerturbationSet
@@ -82,6 +119,7 @@ class Analysis(MethodData):
     trajectory_samples: int = 100
     uaps: list["UAP"] = field(default_factory=list)
     evaluations: dict[str, "UAPEvaluation"] = field(default_factory=dict)
+    heldout: HeldOut | None = None
     _trajectory: Trajectory | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

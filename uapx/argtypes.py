@@ -76,6 +76,18 @@ def positive(text: str) -> float:
                    out_of_range="must be a positive finite number", fix="pass a number > 0, e.g. 0.5")
 
 
+def eps_values(text: str) -> float | list[float]:
+    """One budget (a finite number > 0) or a comma-separated list of distinct ones (an eps sweep),
+    e.g. ``2`` or ``1,2,4``."""
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise _refuse(f"expected numbers separated by commas, got {text!r}", "pass e.g. --eps 2 or --eps 1,2,4")
+    values = [positive(t) for t in items]
+    if len(set(values)) < len(values):
+        raise _refuse(f"an eps appears twice in {text!r}", "list each eps once, e.g. --eps 1,2,4")
+    return values[0] if len(values) == 1 else values
+
+
 def non_negative(text: str) -> float:
     """A finite number >= 0."""
     return _finite(text, ok=lambda v: v >= 0, expected="pass a number >= 0",

@@ -241,6 +241,12 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
     _opt(r, R, "trajectory_samples", "trajectories recorded per model", type=argtypes.whole(1))
     _opt(r, R, "batch_size", "attack batch size", type=argtypes.whole(1))
     _opt(r, R, "datasets", "comma-separated data sets of the study", type=argtypes.names)
+    from . import defaults
+
+    _opt(r, R, "sweep", "also run every model at each eps of the sweep (" + "; ".join(
+         f"{d}: {', '.join(f'{e:g}' for e in v)}" for d, v in defaults.STUDY_EPS_SWEEP.items())
+         + ") and plot the figures against eps; --no-sweep: the study's eps only", action=argparse.BooleanOptionalAction,
+         shown="on")
     _opt(r, R, "device", "torch device: cpu, cuda or cuda:N", type=argtypes.device)
     _opt(r, R, "seed", "random seed of every draw", type=argtypes.seed)
     _opt(r, R, "out", "report folder", type=argtypes.output_path, metavar="DIR")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UapxError
+from .errors import SplitNotFound, UapxError
 
 DATASETS = ("mnist", "cifar10", "imagefolder")
 SPLITS = ("train", "test")
@@ -150,7 +150,7 @@ def load(name: str, split: str = "test", root: str | os.PathLike | None = None, 
         found = _load_cifar10(base, split, looked, skip_unreadable)
     if found is None:
         where = ", ".join(str(p) for p in looked)
-        raise UapxError(f"no {name} {split} data found (looked in {where})", HOW_TO_GET)
+        raise SplitNotFound(f"no {name} {split} data found (looked in {where})", HOW_TO_GET)
     return found
 
 

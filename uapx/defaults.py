@@ -13,6 +13,8 @@ EPS: dict[str, dict[str, float]] = {
     "linf": {"mnist": 0.3, "cifar10": 8 / 255},
 }
 OTHER_DATASET_EPS = {"l2": 1.0, "linf": 8 / 255}  # data sets without an entry above (e.g. ImageFolder trees)
+STUDY_EPS_SWEEP: dict[str, tuple[float, ...]] = {"mnist": (1.0, 2.0, 4.0), "cifar10": (0.25, 0.5, 1.0, 2.0)}
+"""The L2 budgets ``uapx reproduce`` sweeps per data set (the study's own, ``EPS["l2"]``, among them)."""
 
 
 def default_eps(norm: str, dataset: str) -> float:

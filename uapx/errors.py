@@ -31,3 +31,8 @@ class UapxError(Exception):
         if self.fix:
             line += f"; fix: {self.fix.rstrip('.')}"
         return " ".join(line.split())  # always one line
+
+
+class SplitNotFound(UapxError):
+    """A data set has no such split where it was looked for (e.g. no training split beside the
+    embedded MNIST test split): ``analyze`` then draws its held-out images from the one split."""

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import UapxError
+from .errors import SplitNotFound, UapxError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 IMAGEFOLDER_SPLITS = ("train", "val", "test")
@@ -245,7 +245,7 @@ def image_folder(root: str | os.PathLike, split: str = "test", *, image_size: in
                         "pass --data-root DIR holding DIR/{train,val,test}/<class>/* or DIR/<class>/*")
     folder = find_split_folder(base, split)
     if folder is None:
-        raise UapxError(f"no {split} split in {str(base)!r} (looked for {split}/"
+        raise SplitNotFound(f"no {split} split in {str(base)!r} (looked for {split}/"
                         f"{', val/' if split == 'test' else ''} and for class folders)",
                         "lay it out as DIR/{train,val,test}/<class>/* or DIR/<class>/*, or pass --split")
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())

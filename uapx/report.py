@@ -214,8 +214,14 @@ def _header_html(title: str, data: dict) -> str:
         shape = "x".join(str(v) for v in d.get("shape", []))
         rows.append(("data", f"{d.get('dataset', '?')} ({d.get('split', '?')}), {d.get('n_images', '?')} images"
                              + (f" of {shape}" if shape else "")))
+        h = d.get("held_out") or {}
+        if h:
+            rows.append(("held-out images", f"{h.get('n_images', '?')} of {d.get('dataset', '?')} ({h.get('split', '?')}"
+                         + ("; the other part of the sample" if h.get("protocol") == "sample" else "")
+                         + "): the UAPs are judged on these, fitted on the images above"))
     if c.get("eps") is not None:
-        rows.append(("eps", f"{c['eps']:g} ({c.get('attack', '')})"))
+        eps = ", ".join(f"{e:g}" for e in c["eps"]) if isinstance(c["eps"], list) else f"{c['eps']:g}"  # a sweep: a list
+        rows.append(("eps", f"{eps} ({c.get('attack', '')})"))
     if att.get("plugin"):
         rows.append(("attack", str(att["plugin"])))
     if c.get("plugins"):
@@ -268,22 +274,26 @@ def _method_sections(self: "Report") -> list[str]:
 
 
 def _headline_verdict(uaps: dict) -> list[tuple[str, str]]:
-    """The headline's verdict, by a criterion fixed here: the best global UAP beats random directions
-    of the same norm when the lower end of its Wilson 95% interval lies above the upper end of the
+    """The headline's verdict, by a criterion fixed here: the best global UAP (chosen on the images it
+    was fitted on) beats random directions of the same norm when, on the held-out images (in-sample
+    where a report has none), the lower end of its Wilson 95% interval lies above the upper end of the
     random directions' (pooled over draws)."""
     glob = [e for e in uaps.get("evaluations", {}).values() if e.get("source_class") is None]
-    rand = (uaps.get("random_baseline") or {}).get("fooling_rate", {}).get("wilson95")
+    held = uaps.get("held_out") or {}
+    judged = held if held.get("evaluations") else uaps
+    rand = (judged.get("random_baseline") or {}).get("fooling_rate", {}).get("wilson95")
     if not glob or not rand:
         return []
-    best = max(glob, key=lambda e: e["fooling_rate"])
-    ci = best.get("fooling_rate_wilson95")
+    best = judged["evaluations"].get(max(glob, key=lambda e: e["fooling_rate"])["name"])
+    ci = (best or {}).get("fooling_rate_wilson95")
     if not ci:
         return []
     beats = ci[0] > rand[1]
+    where = f"on {held['n_images']} held-out images" if judged is held else "in-sample"
     return [("verdict", ("the best UAP fools more images than random directions" if beats else
                          "the best UAP is not distinguishable from random directions")
-             + f" ({best['name']}: 95% interval {_pct(ci[0])} to {_pct(ci[1])}; random: {_pct(rand[0])} to "
-               f"{_pct(rand[1])})")]
+             + f" {where} ({best['name']}: 95% interval {_pct(ci[0])} to {_pct(ci[1])}; random: {_pct(rand[0])} "
+               f"to {_pct(rand[1])})")]
 
 
 def _attack_keys(att: dict) -> list[tuple[str, str]]:

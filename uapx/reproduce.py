@@ -4,7 +4,10 @@ Runs ``analyze`` on the zoo's natural and L2-adversarially trained models for MN
 on the real test sets, then writes one combined report whose first section states each of the
 four findings of the talk, the numbers this run measured for it, and whether they support it.
 The criteria are fixed here, in code, before any number is seen; a finding whose models are not
-installed is reported as not measured.
+installed is reported as not measured.  Every robust zoo model of a data set (found in the zoo's
+cards, :func:`robust_models`) is judged against the natural one.  Every model is also run at each
+eps of :data:`uapx.defaults.STUDY_EPS_SWEEP`, and sigma1/sigma2, the energy share and the held-out
+fooling rate of the best UAP are plotted against eps, natural against robust (:mod:`uapx.sweep`).
 
 Each model's analysis is kept in ``<out>.parts/<model>/`` as it completes, so a killed run started
 again with the same command resumes; the combined report folder is written atomically.
@@ -18,19 +21,23 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, models, stats
+from . import atomic, defaults, models, stats
 from .errors import UapxError
 from .pipeline import AnalyzeConfig, analyze
 from .plots import plt
 from .registry import Registry, get_registry
 from .report import Report, check_output_folder
+from .sweep import CAPTION as SWEEP_CAPTION, _get, held_out_best, spectrum_figure, sweep_figures, sweep_plot
+from .sweep import summary_lines as sweep_lines
 
-STUDY = {  # dataset -> (natural model, adversarial model, eps)
-    "mnist": ("zoo:mnist-natural", "zoo:mnist-l2", 2.0),
-    "cifar10": ("zoo:cifar10-natural", "zoo:cifar10-l2", 0.5),
+STUDY = {  # dataset -> (natural model, adversarial model, the study's eps: the talk's L2 budget)
+    "mnist": ("zoo:mnist-natural", "zoo:mnist-l2", defaults.EPS["l2"]["mnist"]),
+    "cifar10": ("zoo:cifar10-natural", "zoo:cifar10-l2", defaults.EPS["l2"]["cifar10"]),
 }
 PLUGINS = ["average", "svd", "spectrum", "trajectory", "interpretability", "landscape",
            "local-linearity", "gradalign", "cure", "hessian", "subspace"]
+SWEEP_PLUGINS = ["average", "svd", "spectrum"]
+NATURAL = {nat for nat, _, _ in STUDY.values()}  # at the swept eps other than the study's: what the sweep plots
 LANDSCAPE_MEASURES = ["local-linearity", "gradalign", "cure", "hessian"]  # per-image means, with control
 # The criteria, fixed in advance.
 MNIST_SLOW_DECAY = 0.5  # eigenvalue ratio lambda5 / lambda1 at least this: "several directions" (talk: 1.8/2.7 = 0.67)
@@ -58,17 +65,26 @@ class ReproduceConfig:
     out: str = "uapx-study"
     overwrite: bool = False
     datasets: list[str] = field(default_factory=lambda: ["mnist", "cifar10"])
+    sweep: bool = True  # also every eps of uapx.defaults.STUDY_EPS_SWEEP (average, svd, spectrum at each)
 
 
-def _run_one(c: ReproduceConfig, dataset: str, model: str, eps: float, parts: Path, reg: Registry) -> dict | None:
-    """Analyze one model (or reuse its finished part); None when the zoo lacks the model."""
+def _part(model: str, eps: float | None = None) -> str:
+    """The folder of a model's run at the study's eps (``mnist-l2``) or at a swept one (``mnist-l2-eps4``)."""
     name = model.split(":", 1)[1]
+    return name if eps is None else f"{name}-eps{eps:g}"
+
+
+def _run_one(c: ReproduceConfig, dataset: str, model: str, eps: float, parts: Path, reg: Registry, *,
+             swept: bool = False) -> dict | None:
+    """Analyze one model at ``eps`` (or reuse its finished part); None when the zoo lacks the model.
+    ``swept``: a swept eps other than the study's, with :data:`SWEEP_PLUGINS` only."""
+    name = _part(model, eps if swept else None)
     try:
-        models.zoo.path(name)
+        models.zoo.path(model.split(":", 1)[1])
     except UapxError:
         return None
-    cfg = AnalyzeConfig(dataset=dataset, data_root=c.data_root, model=model, plugins=PLUGINS, eps=eps,
-                        split="train", eval_split="test", eval_n_samples=c.n_samples,  # held-out evaluation
+    cfg = AnalyzeConfig(dataset=dataset, data_root=c.data_root, model=model, plugins=SWEEP_PLUGINS if swept else PLUGINS,
+                        eps=eps, split="train", eval_split="test", eval_n_samples=c.n_samples,  # held-out evaluation
                         steps=c.steps, n_samples=c.n_samples, batch_size=c.batch_size, device=c.device,
                         seed=c.seed, trajectory_samples=c.trajectory_samples, out=str(parts / name), overwrite=True)
     done = parts / name / "report.json"
@@ -88,13 +104,23 @@ def reproduce(config: ReproduceConfig, *, registry: Registry | None = None) -> P
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict | None] = {}
+    sweeps: dict[str, dict[str, list[dict]]] = {}  # dataset -> model -> the sweep's figures per eps
+    swept_parts: list[str] = []
     for dataset in c.datasets:
         natural, _, eps = STUDY[dataset]
         for model in (natural, *robust_models(dataset)):
             runs[model] = _run_one(c, dataset, model, eps, parts, reg)
+            if not (c.sweep and runs[model]):
+                continue
+            figs = []
+            for e in defaults.STUDY_EPS_SWEEP[dataset]:
+                rep = runs[model] if e == eps else _run_one(c, dataset, model, e, parts, reg, swept=True)
+                swept_parts += [] if e == eps else [_part(model, e)]
+                figs.append(sweep_figures(rep))
+            sweeps.setdefault(dataset, {})[model] = figs
 
     report = Report("uapx study: universal perturbations of natural and adversarially trained models",
-                    order=["findings", "uap-images", "spectra", "trajectories", "landscape", "runs"])
+                    order=["findings", "eps-sweep", "uap-images", "spectra", "trajectories", "landscape", "runs"])
     findings, summary_lines = judge(runs)
     report.data["findings"] = findings
     report.data["findings_table"] = table = findings_table(findings)
@@ -105,6 +131,15 @@ def reproduce(config: ReproduceConfig, *, registry: Registry | None = None) -> P
                                                           "fix": "train it with 'uapx train' (see README)"})
                            for m, r in runs.items()}
     report.data["config"] = asdict(c)
+    if sweeps:
+        report.data["eps_sweep"] = {ds: {"eps": list(defaults.STUDY_EPS_SWEEP[ds]), "study_eps": STUDY[ds][2],
+                                         "per_model": per} for ds, per in sweeps.items()}
+        for ds, per in sweeps.items():
+            report.add_plot("eps-sweep", ds, sweep_plot(per, title=f"{ds}: natural against robust"),
+                            f"{ds}. " + SWEEP_CAPTION + " At the study's eps every diagnostic ran; at the others "
+                            + ", ".join(SWEEP_PLUGINS) + ".")
+        report.summaries["eps-sweep"] = "\n".join(line for per in sweeps.values() for m, figs in per.items()
+                                                  for line in sweep_lines(m, figs))
     _comparison_plots(report, runs, parts)
     report.summaries["landscape"] = " ".join(
         f"{m}: " + "; ".join(f"{k} {v['mean']:.4g} ± {v['se']:.2g} (control {v['control_mean']:.4g})"
@@ -114,19 +149,12 @@ def reproduce(config: ReproduceConfig, *, registry: Registry | None = None) -> P
         for model, rep in runs.items():
             if rep is not None:
                 shutil.copytree(parts / model.split(":", 1)[1], tmp / model.split(":", 1)[1])
+        for name in swept_parts:
+            shutil.copytree(parts / name, tmp / name)
         report.write_into(tmp)
     atomic.release(out)
     shutil.rmtree(parts, ignore_errors=True)
     return out
-
-
-def _get(rep: dict | None, *path, default=None):
-    cur = rep
-    for p in path:
-        if not isinstance(cur, dict) or p not in cur:
-            return default
-        cur = cur[p]
-    return cur
 
 
 def _run_digest(rep: dict) -> dict:
@@ -146,21 +174,7 @@ def _run_digest(rep: dict) -> dict:
     }
 
 
-def _held_out(rep: dict) -> dict | None:
-    """The best global UAP on the held-out images (the figure), with its Wilson 95 % interval, its
-    in-sample rate beside it, and the held-out random-direction control."""
-    h = _get(rep, "uaps", "held_out")
-    if not h:
-        return None
-    glob = {n: e for n, e in h["evaluations"].items() if ":class-" not in n}
-    if not glob:
-        return None
-    name = max(glob, key=lambda n: glob[n]["fooling_rate"])
-    return {"best_uap": name, "fooling_rate": glob[name]["fooling_rate"],
-            "wilson95": glob[name]["fooling_rate_wilson95"], "n_images": h["n_images"], "split": h["split"],
-            "in_sample_fooling_rate": rep["uaps"]["evaluations"][name]["fooling_rate"],
-            "random_fooling_rate": h["random_baseline"]["fooling_rate"]["mean"],
-            "random_wilson95": h["random_baseline"]["fooling_rate"].get("wilson95")}
+_held_out = held_out_best  # the best UAP on the held-out images (uapx.sweep)
 
 
 def _landscape_measures(rep: dict) -> dict:
@@ -213,13 +227,7 @@ def _differs(a: dict, ctl: dict) -> dict:
     return stats.diff_interval(a["mean"], a["se"], ctl["mean"], ctl.get("se", 0.0) or 0.0)
 
 
-def _spec(rep: dict, key: str) -> tuple[dict, dict] | None:
-    """``(figure, control)`` of spectrum's talk figure ``key``, each ``{"mean", "se", "low", "high"}``."""
-    t = _get(rep, "diagnostics", "spectrum", "global", "talk")
-    if not t or "bootstrap95" not in t:
-        return None
-    b, cb = t["bootstrap95"][key], t["control"]["bootstrap95"][key]
-    return ({"mean": t["figures"][key], **b}, {"mean": t["control"][key], **cb})
+_spec = spectrum_figure  # (figure, control) of a spectrum talk figure (uapx.sweep)
 
 
 CRITERIA = {
@@ -415,10 +423,11 @@ def _comparison_plots(report: Report, runs: dict[str, dict | None], parts: Path)
     done = {m: r for m, r in runs.items() if r}
     if not done:
         return
-    studied = {ds: v for ds, v in STUDY.items() if v[0] in done or v[1] in done}
+    studied = {ds: v for ds, v in STUDY.items() if any(_dataset_of(m) == ds for m in done)}
     fig, axes = plt.subplots(1, len(studied), figsize=(5 * len(studied), 3.4), squeeze=False)
-    for ax, (ds, (nat, adv, eps)) in zip(axes[0], studied.items()):
-        for model, style in ((nat, "o-"), (adv, "s--")):
+    for ax, (ds, (nat, _, eps)) in zip(axes[0], studied.items()):  # the natural model and every robust one
+        for model in [m for m in done if _dataset_of(m) == ds]:
+            style = "o-" if model == nat else "s--"
             sv = _get(done.get(model), "diagnostics", "spectrum", "global", "singular_values")
             if sv:
                 ax.semilogy(range(1, len(sv) + 1), sv, style, label=model)
@@ -427,8 +436,8 @@ def _comparison_plots(report: Report, runs: dict[str, dict | None], parts: Path)
         ax.set_ylabel("singular value")
         ax.legend(fontsize=7)
     report.add_plot("spectra", "natural-vs-adversarial", fig,
-                    "Singular values of the perturbation matrices: natural (solid) against adversarial (dashed), "
-                    "MNIST beside CIFAR-10.")
+                    "Singular values of the perturbation matrices: natural (solid) against every adversarially "
+                    "trained zoo model (dashed), MNIST beside CIFAR-10.")
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
     for ax, ref in zip(axes, ("universal", "own_final", "own_mean")):
         for model, rep in done.items():
@@ -437,7 +446,7 @@ def _comparison_plots(report: Report, runs: dict[str, dict | None], parts: Path)
                 sd = torch.tensor(_get(rep, "diagnostics", "trajectory", ref, "std_per_step"))
                 t = torch.arange(1, len(mu) + 1)
                 m = torch.tensor(mu)
-                ax.plot(t, m, label=model, ls="--" if model.endswith("-l2") else "-")
+                ax.plot(t, m, label=model, ls="-" if model in NATURAL else "--")
                 ax.fill_between(t, m - sd, m + sd, alpha=0.15)
         ax.set_title(f"reference: {ref}", fontsize=9)
         ax.set_xlabel("PGD step")

@@ -6,10 +6,14 @@ per-image adversarial directions fool far more images than unconstrained random 
 same norm (38 % vs 10 % on ImageNet for k = 100): the decision boundaries share a low-dimensional
 subspace of positive curvature, which is why universal perturbations exist.
 
-Here the matrix is the analysis' per-image perturbations D ``(N_fit, d)`` of a *fit* half of the
-images (a seeded class-stratified half split), V_k its top-k right singular vectors.  For each
+Here the matrix is the analysis' per-image perturbations D ``(N_fit, d)`` -- every row of the
+pipeline's perturbation set, the images the UAPs are fitted on -- and V_k its top-k right singular
+vectors; fooling is measured on the pipeline's held-out images (``analysis.heldout``, disjoint from
+the fit images).  Only where an analysis has no held-out set (one built by hand) are the analysed
+images split instead (a seeded class-stratified half: SVD on one half, fooling on the other); the
+figures say which (``split``).  For each
 k of a log grid (1, 2, 5, 10, 20, 50, 100, capped at the rank) ``draws`` vectors
-``v = eps V_k^T c / ||c||`` with ``c ~ N(0, I_k)`` are applied to the *held-out* half, and the
+``v = eps V_k^T c / ||c||`` with ``c ~ N(0, I_k)`` are applied to the *held-out* images, and the
 fooling rate (prediction of ``clamp(x + v, 0, 1)`` differs from the clean one) is pooled over
 draws and images, with a Wilson 95 % interval (trials treated as independent) and the s.d.
 over draws.  Control: ``draws`` isotropic random vectors of the same norm on the same
@@ -26,6 +30,7 @@ import uapx
 from uapx import distributed
 from uapx.diagnostics import Diagnostic, DiagnosticResult
 from uapx.evaluate import predict
+from uapx.linalg import exact_svd_fits, randomized_svd, top_svd_gram
 from uapx.plots import plt
 
 from . import _measures as M
@@ -33,9 +38,17 @@ from . import _measures as M
 K_GRID = (1, 2, 5, 10, 20, 50, 100)
 
 
-def top_right_singular_vectors(d: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-``k`` right singular vectors of ``d`` ``(N, dim)`` as orthonormal rows ``(k, dim)``."""
-    return torch.linalg.svd(d.double(), full_matrices=False)[2][:k].float()
+def top_right_singular_vectors(d, k: int) -> torch.Tensor:
+    """Top-``k`` right singular vectors of ``d`` -- an ``(N, dim)`` tensor or a PerturbationSet, read
+    chunk by chunk -- as orthonormal rows ``(k, dim)``: exact (:func:`uapx.linalg.top_svd_gram`)
+    where it fits, else by randomized subspace iteration (:func:`uapx.linalg.randomized_svd`)."""
+    if isinstance(d, torch.Tensor):
+        n, dim, chunks = d.shape[0], d.shape[1], (lambda: d.split(4096))
+    else:
+        n, dim, chunks = len(d), d.d, d.chunks
+    if exact_svd_fits(n, dim):
+        return top_svd_gram(chunks(), dim, k).V.float()
+    return randomized_svd(chunks, n, dim, k, oversample=10, power_iters=4).V.float()
 
 
 def subspace_vectors(basis: torch.Tensor, draws: int, eps: float, generator: torch.Generator) -> torch.Tensor:
@@ -81,27 +94,39 @@ class SubspaceDiagnostic(Diagnostic):
         c = analysis  # eps, device, batch_size, seed: the run's (uapx.analysis.Analysis)
         if distributed.active():
             raise uapx.UapxError("subspace runs in one process only", "run it without torchrun")
-        fit, held = M.half_split(analysis.y, seed=c.seed + 501)
-        if len(fit) < 1 or len(held) < 1:
-            raise uapx.UapxError("subspace needs at least 2 analysed images", "pass --n-samples 2 or more")
-        d = analysis.pset.matrix()[fit]
-        ks = [k for k in K_GRID if k <= min(self.max_k, d.shape[0], d.shape[1])]
+        if analysis.heldout is not None:  # the pipeline's: SVD of every fit image's perturbation
+            d, fit_y = analysis.pset, analysis.y  # read chunk by chunk
+            ho = analysis.heldout
+            x, clean, held_y = ho.x, ho.clean_pred, ho.y
+            split = (f"the pipeline's held-out images ({ho.split}, protocol {ho.protocol!r}); SVD of the "
+                     "perturbations of every fit image")
+        else:  # fallback: no held-out set in this analysis
+            fit, held = M.half_split(analysis.y, seed=c.seed + 501)
+            if len(fit) < 1 or len(held) < 1:
+                raise uapx.UapxError("subspace needs at least 2 analysed images", "pass --n-samples 2 or more")
+            keep = torch.zeros(len(analysis.y), dtype=torch.bool)
+            keep[fit] = True
+            d, fit_y = analysis.pset.where(keep), analysis.y[fit]
+            x, clean, held_y = analysis.x[held], analysis.clean_pred[held], analysis.y[held]
+            split = ("fallback (the analysis has no held-out images): seeded class-stratified half of the analysed "
+                     "images (fit: SVD; held out: fooling)")
+        ks = [k for k in K_GRID if k <= min(self.max_k, len(d), d.d)]
         basis = top_right_singular_vectors(d, max(ks))
-        x, clean = analysis.x[held], analysis.clean_pred[held]
-        eps, n = float(self.radius if self.radius is not None else c.eps), len(held)  # the vectors' norm
+        eps, n = float(self.radius if self.radius is not None else c.eps), int(x.shape[0])  # the vectors' norm
         g = torch.Generator().manual_seed(c.seed + 502)
         kw = dict(batch_size=c.batch_size, device=c.device)
         by_k = {}
         for k in ks:
             by_k[str(k)] = rate(fooled_counts(analysis.model, x, clean, subspace_vectors(basis[:k], self.draws, eps, g),
                                               **kw), n)
-        rnd = torch.randn(self.draws, d.shape[1], generator=g)
+        rnd = torch.randn(self.draws, d.d, generator=g)
         rnd = rnd * (eps / rnd.norm(dim=1, keepdim=True))
         control = rate(fooled_counts(analysis.model, x, clean, rnd, **kw), n)
-        figures = {"radius": eps, "eps": float(c.eps), "fit_images": len(fit), "held_out_images": n,
-                   "fit_images_per_class": M.class_counts(analysis.y[fit]),
-                   "held_out_images_per_class": M.class_counts(analysis.y[held]),
-                   "split": "seeded class-stratified half of the analysed images (fit: SVD; held out: fooling)",
+        figures = {"radius": eps, "eps": float(c.eps), "fit_images": len(d), "held_out_images": n,
+                   "images": len(d) + n, M.stats.IMAGES_PER_CLASS: M.class_counts(torch.cat([fit_y, held_y])),
+                   "fit_images_per_class": M.class_counts(fit_y),
+                   "held_out_images_per_class": M.class_counts(held_y),
+                   "split": split,
                    "k": ks, "subspace": by_k, "random": control}
 
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
@@ -118,7 +143,7 @@ class SubspaceDiagnostic(Diagnostic):
         ax.legend(fontsize=7)
         fig.tight_layout()
         plots = [("subspace", fig, f"Held-out fooling rate ({n} images) of random vectors of norm {eps:g} in the span "
-                                   f"of the top-k right singular vectors of {len(fit)} fit images' perturbations, "
+                                   f"of the top-k right singular vectors of {len(d)} fit images' perturbations, "
                                    "against unconstrained random vectors; Wilson 95 % intervals.")]
         best = max(ks, key=lambda k: by_k[str(k)]["fooling_rate"])
         b = by_k[str(best)]
