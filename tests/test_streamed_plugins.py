@@ -71,3 +71,29 @@ def test_model_based_methods_give_the_in_memory_uaps_on_streamed_images(streamed
     for ua, ub in zip(a, b):
         torch.testing.assert_close(ua.vector, ub.vector, rtol=1e-5, atol=1e-6)
         assert float(ua.vector.norm()) > 0
+
+
+def test_subspace_basis_streams_an_on_disk_set(tmp_path, monkeypatch):
+    """subspace's top-k basis from a perturbation set on disk, never loaded whole: the span of
+    NumPy's top-k right singular vectors, by the exact route and by the randomized one."""
+    import numpy as np
+
+    import uapx
+    import uapx.linalg
+
+    s = importlib.import_module("uapx_plugins.subspace")
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(80, 6, generator=g) @ torch.randn(6, 50, generator=g) + 0.01 * torch.randn(80, 50, generator=g)
+    y = torch.arange(80) % 2
+    uapx.PerturbationSet(a, y, y, y, (2, 5, 5), 1.0).save(tmp_path / "set", chunk_size=16)
+    pset = uapx.PerturbationSet.load(tmp_path / "set")
+
+    def refuse(self):
+        raise AssertionError("the whole matrix was loaded")
+
+    monkeypatch.setattr(uapx.PerturbationSet, "matrix", refuse)
+    ref = np.linalg.svd(a.double().numpy())[2][:4]
+    for exact in (True, False):
+        monkeypatch.setattr(s, "exact_svd_fits", lambda n, d, exact=exact: exact)
+        basis = s.top_right_singular_vectors(pset, 4).double().numpy()
+        assert np.linalg.svd(basis @ ref.T, compute_uv=False).min() > 1 - 1e-4
