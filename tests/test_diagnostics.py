@@ -101,3 +101,37 @@ def test_interpretability_scores_on_known_cases():
     assert mod.subspace_energy(outside, basis) == pytest.approx(0.0, abs=1e-9)
     rand = [mod.subspace_energy(torch.randn(25, generator=g, dtype=torch.float64), basis) for _ in range(400)]
     assert sum(rand) / len(rand) == pytest.approx(6 / 25, abs=0.03)  # E = k/d for isotropic directions
+
+
+BUILTIN_DIAGNOSTICS = ["spectrum", "trajectory", "interpretability", "landscape", "local-linearity", "gradalign",
+                       "cure", "hessian", "subspace"]
+
+
+def test_every_diagnostic_states_how_many_images_of_each_class_it_used(tmp_path):
+    import json
+
+    from uapx.pipeline import AnalyzeConfig, analyze
+    from uapx.stats import IMAGES_PER_CLASS
+
+    measures = {n: {"images": 10} for n in ("local-linearity", "gradalign", "cure", "hessian")}
+    cfg = AnalyzeConfig(plugins=["svd", *BUILTIN_DIAGNOSTICS], n_samples=40, steps=2, random_draws=1, k=2,
+                        trajectory_samples=10, out=str(tmp_path / "r"),
+                        plugin_settings=measures | {"landscape": {"images": 20, "points": 3, "grid": 3},
+                                                    "local-linearity": {"images": 10, "steps": 1},
+                                                    "hessian": {"images": 10, "iters": 2},
+                                                    "trajectory": {"restarts": 1},
+                                                    "subspace": {"draws": 1, "max_k": 2}})
+    res = analyze(cfg)
+    rep = json.loads((res.out / "report.json").read_text())
+    fit = rep["data"]["n_images"]  # the fit images (the held-out ones are the other half of the 40)
+    expected = {"spectrum": fit, "interpretability": fit, "trajectory": 10, "landscape": min(20, fit),
+                "local-linearity": 10, "gradalign": 10, "cure": 10, "hessian": 10,
+                "subspace": fit + rep["data"]["held_out"]["n_images"]}
+    for name in BUILTIN_DIAGNOSTICS:
+        fig = rep["diagnostics"][name]
+        counts = fig[IMAGES_PER_CLASS]
+        assert sum(counts.values()) == fig["images"] == expected[name], (name, counts, fig["images"])
+        if name != "subspace":  # a class-stratified draw of a stratified sample: within 1 of a uniform share
+            assert max(counts.values()) - min(counts.values()) <= 1 and len(counts) == 10, (name, counts)
+    page = (res.out / "index.html").read_text()
+    assert page.count("images per class") == len(BUILTIN_DIAGNOSTICS)

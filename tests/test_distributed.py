@@ -64,6 +64,8 @@ def test_two_ranks_give_the_singular_values_of_one_process(reports):
     sa = a["diagnostics"]["spectrum"]["global"]["singular_values"]
     sb = b["diagnostics"]["spectrum"]["global"]["singular_values"]
     torch.testing.assert_close(torch.tensor(sb), torch.tensor(sa), rtol=1e-4, atol=0)
+    ca, cb = (r["diagnostics"]["spectrum"]["images_per_class"] for r in (a, b))  # summed over both ranks
+    assert ca == cb and sum(cb.values()) == 150
     for method in ("svd", "rsvd"):
         for i in range(1, 5):
             name = f"{method}:v{i}"
@@ -112,6 +114,9 @@ def test_landscape_and_trajectory_use_the_global_first_images(other_reports):
         assert tb[ref]["mean_over_trajectory"] == pytest.approx(ta[ref]["mean_over_trajectory"], rel=1e-4, abs=1e-4)
     torch.testing.assert_close(torch.tensor(tb["loss_per_step"]), torch.tensor(ta["loss_per_step"]),
                                rtol=1e-4, atol=1e-4)
+    for name in ("landscape", "trajectory", "interpretability"):  # class counts over both ranks
+        ca, cb = a["diagnostics"][name]["images_per_class"], b["diagnostics"][name]["images_per_class"]
+        assert ca == cb and sum(cb.values()) == b["diagnostics"][name]["images"], name
     sa, sb = ta["single_image"], tb["single_image"]  # global image 0, restarts on rank 0
     assert sa["index"] == sb["index"] == 0 and sa["restarts"]["count"] == sb["restarts"]["count"] == 3
     torch.testing.assert_close(torch.tensor(sb["universal"]), torch.tensor(sa["universal"]), rtol=1e-4, atol=1e-4)

@@ -281,7 +281,9 @@ def draw_images(c: AnalyzeConfig, dataset: Any = None) -> tuple[data.ImageSet, d
     held = stratified_draw(sample.y, m, seed=c.seed + 1)
     keep = torch.ones(len(sample), dtype=torch.bool)
     keep[held] = False
-    return _rows(sample, keep.nonzero().flatten()), _rows(sample, held), "sample"
+    rest = keep.nonzero().flatten()
+    rest = rest[stratified_draw(sample.y[rest], None, seed=c.seed + 2)]  # class-interleaved: every prefix stratified
+    return _rows(sample, rest), _rows(sample, held), "sample"
 
 
 def load_inputs(c: AnalyzeConfig, attack_comp: Component, *, model: nn.Module | None = None,

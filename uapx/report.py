@@ -315,6 +315,17 @@ RESULTS_FIRST = ("findings", "uaps", "attack")  # the headline, the methods, the
 CONTEXT_LAST = ("data", "model", "config", "defaults_applied", "environment", "timing_seconds")
 
 
+def _images_keys(body: Any) -> list[tuple[str, str]] | None:
+    """The key line of a diagnostic's section: how many images of each class it used."""
+    from .stats import IMAGES_PER_CLASS
+
+    counts = body.get(IMAGES_PER_CLASS) if isinstance(body, dict) else None
+    if not counts:
+        return None
+    return [("images per class", ", ".join(f"{c}: {k}" for c, k in counts.items())
+             + f" ({sum(counts.values())} images)")]
+
+
 def render_html(self: Report) -> str:
     """The self-contained page that tells the story: a header with what ran, the headline (the
     best UAP against random directions, the findings' verdicts), one section per UAP method and
@@ -345,7 +356,7 @@ def render_html(self: Report) -> str:
             add(key, key, None, open_=False)
     for name, body in self.data.get("diagnostics", {}).items():
         add(name, f"diagnostics.{name}", body, open_=False, title=f"Diagnostic: {name}",
-            fold=f"All numbers of the {name} diagnostic")
+            fold=f"All numbers of the {name} diagnostic", key_numbers=_images_keys(body))
     rest = [k for k in self.data if k not in (*RESULTS_FIRST, *CONTEXT_LAST, "diagnostics", "plots") and k not in done]
     for key in [*rest, *(k for k in CONTEXT_LAST if k in self.data)]:
         add(key, key, self.data[key], open_=False)

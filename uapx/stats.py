@@ -53,8 +53,20 @@ def stratified_draw(y: torch.Tensor, n: int | None = None, *, seed: int) -> torc
     return idx[torch.sort(keys, stable=True).indices]
 
 
-def class_counts(y: torch.Tensor) -> dict[str, int]:
-    """``{class: count}`` of labels ``y`` ``(N,)``."""
+IMAGES_PER_CLASS = "images_per_class"
+"""The key every diagnostic's report entry states its images under: ``{class: count}`` of the images
+it used (summing to its ``"images"``), shown on the report page."""
+
+
+def class_counts(y: torch.Tensor, *, over_ranks: bool = False) -> dict[str, int]:
+    """``{class: count}`` of labels ``y`` ``(N,)``; with ``over_ranks``, summed over every torchrun
+    rank's labels (a collective: every rank calls it)."""
+    from . import distributed
+
+    if over_ranks and distributed.active():
+        top = int(distributed.all_reduce_scalar(int(y.max()) if y.numel() else -1, "max"))
+        k = distributed.all_reduce_(torch.bincount(y.long(), minlength=top + 1).double())
+        return {str(c): int(v) for c, v in enumerate(k.tolist()) if v > 0}
     c, k = y.unique(return_counts=True)
     return {str(int(a)): int(b) for a, b in zip(c, k)}
 

@@ -156,7 +156,7 @@ def measure_result(name: str, label: str, values: torch.Tensor, control: torch.T
     ``values`` and ``control`` are ``(m,)`` per-image numbers on the images with labels ``y``."""
     from uapx.diagnostics import DiagnosticResult
 
-    figures = {"images": int(values.numel()), "images_per_class": class_counts(y),
+    figures = {"images": int(values.numel()), stats.IMAGES_PER_CLASS: class_counts(y),
                "measure": summary(values, seed=seed)}
     if control is not None:
         figures["control"] = {"what": control_label, **summary(control, seed=seed + 1)}

@@ -30,7 +30,7 @@ import uapx
 from uapx import distributed
 from uapx.image_sources import blocks
 from uapx.diagnostics import Diagnostic, DiagnosticResult
-from uapx.stats import mean_se
+from uapx.stats import IMAGES_PER_CLASS, class_counts, mean_se
 from uapx.linalg import gram, randomized_svd
 from uapx.plots import image_grid
 
@@ -142,6 +142,7 @@ class InterpretabilityDiagnostic(Diagnostic):
         for name, a in align.items():
             by_method.setdefault(name.split(":class-")[0], []).append(a)
         figures = {
+            "images": n, IMAGES_PER_CLASS: class_counts(y, over_ranks=True),  # the clean images: means, subspace
             "components": k,
             "data_subspace_energy": energy,
             "random_subspace_energy": {"mean": sum(rand) / len(rand), "expected": k / d},

@@ -17,6 +17,7 @@ import uapx
 from uapx import distributed
 from uapx.diagnostics import Diagnostic, DiagnosticResult
 from uapx.plots import plt
+from uapx.stats import IMAGES_PER_CLASS, class_counts
 
 
 @torch.no_grad()
@@ -81,7 +82,8 @@ class LandscapeDiagnostic(Diagnostic):
         profiles = {name: losses([float(t) * d for t in ts]) for name, d in dirs.items()}
         curv = {name: curvature(p, h) for name, p in profiles.items()}
         rand_curv = [curv[k] for k in curv if k.startswith("random-")]
-        figures = {"t": ts.tolist(), "images": n, "profiles": profiles, "curvature_at_data": curv,
+        figures = {"t": ts.tolist(), "images": n, IMAGES_PER_CLASS: class_counts(y, over_ranks=True),
+                   "profiles": profiles, "curvature_at_data": curv,
                    "random_curvature_mean": sum(rand_curv) / len(rand_curv) if rand_curv else None}
 
         fig, ax = plt.subplots(figsize=(5.5, 3.4))

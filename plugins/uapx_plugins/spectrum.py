@@ -180,7 +180,9 @@ class SpectrumDiagnostic(Diagnostic):
                             f"of {how['rows']} rows" + (f", drawn from {how['pool']} of the {how['n']} rows: the "
                                                         f"interval was computed on subsamples of {how['rows']} rows"
                                                         if how["pool"] < how["n"] else "") + ").")
-        return DiagnosticResult({"global": glob, "per_class": per_class, "center": self.center},
+        figures = {"images": glob["n"], stats.IMAGES_PER_CLASS: stats.class_counts(pset.labels, over_ranks=True),
+                   "global": glob, "per_class": per_class, "center": self.center}
+        return DiagnosticResult(figures,
                                 [("singular-values", fig, "Singular values of the perturbation matrix (log scale), "
                                   "all images and each class.")], summary)
 

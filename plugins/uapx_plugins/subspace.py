@@ -32,6 +32,7 @@ from uapx.diagnostics import Diagnostic, DiagnosticResult
 from uapx.evaluate import predict
 from uapx.linalg import exact_svd_fits, randomized_svd, top_svd_gram
 from uapx.plots import plt
+from uapx.stats import IMAGES_PER_CLASS
 
 from . import _measures as M
 
@@ -123,7 +124,7 @@ class SubspaceDiagnostic(Diagnostic):
         rnd = rnd * (eps / rnd.norm(dim=1, keepdim=True))
         control = rate(fooled_counts(analysis.model, x, clean, rnd, **kw), n)
         figures = {"radius": eps, "eps": float(c.eps), "fit_images": len(d), "held_out_images": n,
-                   "images": len(d) + n, M.stats.IMAGES_PER_CLASS: M.class_counts(torch.cat([fit_y, held_y])),
+                   "images": len(d) + n, IMAGES_PER_CLASS: M.class_counts(torch.cat([fit_y, held_y])),
                    "fit_images_per_class": M.class_counts(fit_y),
                    "held_out_images_per_class": M.class_counts(held_y),
                    "split": split,

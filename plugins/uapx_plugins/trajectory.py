@@ -22,7 +22,7 @@ import torch
 import uapx
 from uapx import distributed
 from uapx.diagnostics import Diagnostic, DiagnosticResult
-from uapx.stats import class_counts, mean_se
+from uapx.stats import IMAGES_PER_CLASS, class_counts, mean_se
 from uapx.plots import plt
 
 REFERENCES = ("universal", "own_final", "own_mean")
@@ -104,7 +104,8 @@ class TrajectoryDiagnostic(Diagnostic):
                 before_last=mean_se(per_image, seed=analysis.seed),
                 control={**mean_se(ctl, seed=analysis.seed + 1), "expected_sd_one_cosine": d ** -0.5,
                          "what": "cosines of random unit vectors in d dimensions, same steps and images"})
-        figures["class_counts"] = class_counts(analysis.y[traj.index.cpu()]) if not distributed.active() else None
+        local = traj.index.cpu() - distributed.shard(analysis.n_images).start  # this rank's positions
+        figures[IMAGES_PER_CLASS] = class_counts(analysis.y[local], over_ranks=True)
         index = 0  # the single image: global image 0 (the first trajectory), on rank 0
         figures["single_image"] = {"index": index, **{name: c[:, 0].tolist() for name, c in cos.items()}}
         held = (traj.index == index).nonzero().flatten()  # on the rank that holds it: no collective below
