@@ -45,7 +45,7 @@ def small_sets(mnist_root) -> dict[str, uapx.data.ImageSet]:
 @pytest.fixture
 def tiny_mnist(monkeypatch, small_sets) -> dict[str, uapx.data.ImageSet]:
     """``uapx.data.load`` returns the small sets (data selection only)."""
-    def load(name: str, split: str = "test", root=None) -> uapx.data.ImageSet:
+    def load(name: str, split: str = "test", root=None, **options) -> uapx.data.ImageSet:
         assert name == "mnist"
         return small_sets[split]
 
