@@ -105,6 +105,11 @@ def test_explicit_class_index_and_its_errors(tmp_path):
     assert rep["attack"]["clean_accuracy"] == 1.0
     assert uapx.cli.main([*common, "--out", str(tmp_path / "plain")]) == 0  # labels 0, 1, 2: the model disagrees
     assert json.loads((tmp_path / "plain" / "report.json").read_text())["attack"]["clean_accuracy"] == 0.0
+    for extra, accuracy in ((["--class-index", str(tmp_path / "index.json")], 1.0), ([], 0.0)):  # apply too
+        res_file = tmp_path / f"apply{len(extra)}.json"
+        assert uapx.cli.main(["apply", str(out / "uaps.pt"), "--dataset", "imagefolder", "--data-root", str(root),
+                              "--model", model, "--random-draws", "1", *extra, "--out", str(res_file)]) == 0
+        assert json.loads(res_file.read_text())["clean_accuracy"] == accuracy
 
     images = uapx.data.load("imagefolder", "val", root)
     for bad, needle in [({"cat": 7, "dog": 2}, "class 'fish' of imagefolder is not in --class-index"),
