@@ -135,3 +135,28 @@ def test_every_diagnostic_states_how_many_images_of_each_class_it_used(tmp_path)
             assert max(counts.values()) - min(counts.values()) <= 1 and len(counts) == 10, (name, counts)
     page = (res.out / "index.html").read_text()
     assert page.count("images per class") == len(BUILTIN_DIAGNOSTICS)
+    land = rep["diagnostics"]["landscape"]  # per-image curvatures: their mean is the mean profile's curvature
+    for name, st in land["curvature_stats"].items():
+        assert st["mean"] == pytest.approx(land["curvature_at_data"][name], rel=1e-6, abs=1e-9)
+        assert st["n"] == land["images"] and st["se"] > 0
+    plots = {p["file"] for p in rep["plots"]}  # figure beside control, with intervals
+    assert {"spectrum-ratios.png", "trajectory-readings.png", "interpretability-subspace-energy.png",
+            "landscape-curvature.png"} <= plots, plots
+
+
+def test_figure_vs_control_draws_each_interval_as_given():
+    from uapx.plots import figure_vs_control, normal95
+
+    figs = [(1.0, 0.5, 2.0), normal95(3.0, 0.5)]
+    ctl = [(0.2, 0.1, 0.4), None]
+    fig = figure_vs_control(["a", "b"], figs, ctl, ylabel="y")
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers]
+    assert len(bars) == 2  # the figures and the controls
+    for container, rows in zip(bars, ([r for r in figs], [r for r in ctl if r is not None])):
+        segments = container.lines[2][0].get_segments()
+        assert len(segments) == len(rows)
+        for seg, (v, lo, hi) in zip(segments, rows):
+            assert (seg[0][1], seg[1][1]) == pytest.approx((lo, hi))
+    assert figs[1] == pytest.approx((3.0, 3.0 - 1.959963984540054 * 0.5, 3.0 + 1.959963984540054 * 0.5))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["figure", "random control"]

@@ -114,6 +114,8 @@ def test_landscape_and_trajectory_use_the_global_first_images(other_reports):
         assert tb[ref]["mean_over_trajectory"] == pytest.approx(ta[ref]["mean_over_trajectory"], rel=1e-4, abs=1e-4)
     torch.testing.assert_close(torch.tensor(tb["loss_per_step"]), torch.tensor(ta["loss_per_step"]),
                                rtol=1e-4, atol=1e-4)
+    for name in same:  # per-image curvatures gathered over both ranks, in the global order
+        assert lb["curvature_stats"][name]["se"] == pytest.approx(la["curvature_stats"][name]["se"], rel=1e-3, abs=1e-6)
     for name in ("landscape", "trajectory", "interpretability"):  # class counts over both ranks
         ca, cb = a["diagnostics"][name]["images_per_class"], b["diagnostics"][name]["images_per_class"]
         assert ca == cb and sum(cb.values()) == b["diagnostics"][name]["images"], name

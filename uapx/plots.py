@@ -62,6 +62,42 @@ def image_grid(vectors: list[torch.Tensor], titles: list[str], *, cols: int = 6,
     return fig
 
 
+Interval = tuple[float, float, float]
+"""``(value, low, high)``: a plotted figure and its 95 % interval."""
+
+
+def normal95(value: float, se: float) -> Interval:
+    """``(value, low, high)`` of the normal 95 % interval ``value -+ 1.96 se`` (a bootstrap s.e.)."""
+    from .stats import Z95
+
+    return value, value - Z95 * se, value + Z95 * se
+
+
+def figure_vs_control(labels: list[str], figures: list[Interval], controls: list[Interval | None], *,
+                      ylabel: str, figure_label: str = "figure", control_label: str = "random control",
+                      log: bool = False, width: float | None = None):
+    """One axis: for each of ``labels`` its figure (black circle) and, beside it, its random control
+    (grey square), each with its 95 % interval as an error bar.  Returns the matplotlib Figure."""
+    fig, ax = plt.subplots(figsize=(width or max(3.2, 1.1 * len(labels) + 1.6), 3.2))
+    for shift, rows, style, name in ((-0.12, figures, dict(fmt="o", color="k"), figure_label),
+                                     (0.12, controls, dict(fmt="s", color="grey", mfc="white"), control_label)):
+        xs = [i + shift for i, r in enumerate(rows) if r is not None]
+        vs = [r for r in rows if r is not None]
+        if not vs:
+            continue
+        err = [[max(0.0, v - lo) for v, lo, _ in vs], [max(0.0, hi - v) for v, _, hi in vs]]
+        ax.errorbar(xs, [v for v, _, _ in vs], yerr=err, capsize=4, label=name, **style)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=20 if len(labels) > 3 else 0,
+                  ha="right" if len(labels) > 3 else "center")
+    ax.set_xlim(-0.5, len(labels) - 0.5)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _global(analysis: "Analysis"):
     return [u for u in analysis.uaps if u.source_class is None]
 

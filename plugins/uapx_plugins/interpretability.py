@@ -32,7 +32,7 @@ from uapx.image_sources import blocks
 from uapx.diagnostics import Diagnostic, DiagnosticResult
 from uapx.stats import IMAGES_PER_CLASS, class_counts, mean_se
 from uapx.linalg import gram, randomized_svd
-from uapx.plots import image_grid
+from uapx.plots import figure_vs_control, image_grid, normal95
 
 GRAM_MAX_DIM = 4096
 """Up to this many pixels the principal subspace comes from the d x d covariance (float64, exact);
@@ -162,6 +162,22 @@ class InterpretabilityDiagnostic(Diagnostic):
                 titles += [f"+{u.name}", f"-{u.name}"]
             plots.append(("singular-vectors", image_grid(vecs, titles, cols=8),
                           "Top singular vectors with both signs (singular vectors have no sign)."))
+        if glob:
+            r = figures["random_subspace_energy_stats"]
+            plots.append(("subspace-energy", figure_vs_control(
+                list(glob), [(e, e, e) for e in glob.values()], [normal95(r["mean"], r["se"])] * len(glob),
+                ylabel=f"energy share in the top {k} PCs", figure_label="global UAP",
+                control_label="control: random directions (mean of 20, 95 % CI)"),
+                f"Share of each global UAP's energy in the clean images' top {k} principal components, beside the "
+                f"mean over random directions (expected {k}/{d} = {k / d:.3g})."))
+        if figures["class_alignment_stats"]:
+            st, ctl = figures["class_alignment_stats"], figures["class_alignment_control"]
+            plots.append(("class-alignment", figure_vs_control(
+                list(st), [normal95(v["mean"], v["se"]) for v in st.values()],
+                [normal95(ctl["mean"], ctl["se"])] * len(st), ylabel="signed cosine with class-mean difference",
+                figure_label="class-specific UAPs (mean over classes)", control_label="control: random directions"),
+                "Signed cosine of each method's class-specific UAPs with their class-mean difference (mean over "
+                "classes, 95 % interval from the bootstrap s.e. over classes) beside random directions."))
         mean_glob = sum(glob.values()) / len(glob) if glob else float("nan")
         summary = (f"Global UAPs keep on average {mean_glob:.1%} of their energy in the images' top {k} principal "
                    f"components (random directions: {figures['random_subspace_energy']['mean']:.1%}).")

@@ -16,19 +16,25 @@ import torch.nn.functional as F
 import uapx
 from uapx import distributed
 from uapx.diagnostics import Diagnostic, DiagnosticResult
-from uapx.plots import plt
-from uapx.stats import IMAGES_PER_CLASS, class_counts
+from uapx.plots import figure_vs_control, normal95, plt
+from uapx.stats import IMAGES_PER_CLASS, class_counts, mean_se
 
 
 @torch.no_grad()
+def image_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *,
+                 batch_size: int = 500, device: str = "cpu") -> torch.Tensor:
+    """Per-image cross-entropy ``(N,)`` float64 of ``clamp(x + v, 0, 1)``; x ``(N, C, H, W)`` (N may be
+    0), v ``(C, H, W)``."""
+    out = [F.cross_entropy(model((x[s:s + batch_size].to(device) + v.to(device)).clamp(0, 1)),
+                           y[s:s + batch_size].to(device), reduction="none").double().cpu()
+           for s in range(0, x.shape[0], batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
 def loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *,
              batch_size: int = 500, device: str = "cpu") -> float:
     """Summed cross-entropy of ``clamp(x + v, 0, 1)``; x ``(N, C, H, W)`` (N may be 0), v ``(C, H, W)``."""
-    total = 0.0
-    for s in range(0, x.shape[0], batch_size):
-        xb = (x[s:s + batch_size].to(device) + v.to(device)).clamp(0, 1)
-        total += float(F.cross_entropy(model(xb), y[s:s + batch_size].to(device), reduction="sum"))
-    return total
+    return float(image_losses(model, x, y, v, batch_size=batch_size, device=device).sum())
 
 
 def mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *,
@@ -61,11 +67,16 @@ class LandscapeDiagnostic(Diagnostic):
         if n == 0:
             raise uapx.UapxError("landscape: no images to evaluate the loss on", "pass landscape.images >= 1")
 
+        def image_profile(vs: list[torch.Tensor]) -> torch.Tensor:
+            """Per-image losses ``(len(vs), this rank's images)`` along the perturbations ``vs``."""
+            return torch.stack([image_losses(model, x, y, v, batch_size=bs, device=dev) for v in vs])
+
+        def means(per: torch.Tensor) -> list[float]:
+            """Global mean losses of per-image losses ``(k, images)`` (one all-reduce for all of them)."""
+            return (distributed.all_reduce_(per.sum(1)) / n).tolist()
+
         def losses(vs: list[torch.Tensor]) -> list[float]:
-            """Global mean losses along the perturbations ``vs`` (one all-reduce for all of them)."""
-            sums = torch.tensor([loss_sum(model, x, y, v, batch_size=bs, device=dev) for v in vs],
-                                dtype=torch.float64)
-            return (distributed.all_reduce_(sums) / n).tolist()
+            return means(image_profile(vs))
 
         eps = analysis.eps
         ts = torch.linspace(-2 * eps, 2 * eps, self.points)
@@ -79,12 +90,21 @@ class LandscapeDiagnostic(Diagnostic):
         for i in range(self.random_dirs):
             r = torch.randn(analysis.x.shape[1:], generator=g)
             dirs[f"random-{i + 1}"] = r / r.norm()
-        profiles = {name: losses([float(t) * d for t in ts]) for name, d in dirs.items()}
+        per_image = {name: image_profile([float(t) * d for t in ts]) for name, d in dirs.items()}
+        profiles = {name: means(per) for name, per in per_image.items()}
         curv = {name: curvature(p, h) for name, p in profiles.items()}
+        # per image, the same second difference (its mean over images is curv): bootstrap s.e. over images
+        c = self.points // 2
+        curv_i = {name: distributed.all_gather_rows((per[c + 1] - 2 * per[c] + per[c - 1]) / h ** 2)
+                  for name, per in per_image.items()}
         rand_curv = [curv[k] for k in curv if k.startswith("random-")]
+        rand_i = [curv_i[k] for k in curv_i if k.startswith("random-")]
         figures = {"t": ts.tolist(), "images": n, IMAGES_PER_CLASS: class_counts(y, over_ranks=True),
                    "profiles": profiles, "curvature_at_data": curv,
-                   "random_curvature_mean": sum(rand_curv) / len(rand_curv) if rand_curv else None}
+                   "curvature_stats": {k: mean_se(v, seed=analysis.seed) for k, v in curv_i.items()},
+                   "random_curvature_mean": sum(rand_curv) / len(rand_curv) if rand_curv else None,
+                   "random_curvature_stats": mean_se(torch.stack(rand_i).mean(0), seed=analysis.seed + 1)
+                   if rand_i else None}
 
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
         for name, p in profiles.items():
@@ -95,6 +115,16 @@ class LandscapeDiagnostic(Diagnostic):
         plots = [("profiles", fig, f"Mean loss of {n} images along each global UAP (solid) and random "
                                    "directions (dashed), t in [-2 eps, 2 eps].")]
         uap_names = [k for k in dirs if not k.startswith("random-")]
+        if uap_names:
+            st, rc = figures["curvature_stats"], figures["random_curvature_stats"]
+            plots.append(("curvature", figure_vs_control(
+                uap_names, [normal95(st[k]["mean"], st[k]["se"]) for k in uap_names],
+                [normal95(rc["mean"], rc["se"]) if rc else None] * len(uap_names),
+                ylabel="curvature of the loss at the data", figure_label="along the global UAP",
+                control_label=f"control: {self.random_dirs} random directions (mean)"),
+                f"Second difference of the loss at the data along each global UAP, mean over {n} images with its "
+                "95 % interval (1.96 bootstrap s.e. over images), beside the same along random directions of equal "
+                "norm (per image averaged over the random directions)."))
         if uap_names and self.random_dirs:
             a, b = dirs[uap_names[0]], dirs["random-1"]
             b = b - (b.reshape(-1) @ a.reshape(-1)) * a  # orthogonalise the random axis
@@ -111,8 +141,10 @@ class LandscapeDiagnostic(Diagnostic):
         best = max(uap_names, key=lambda k: curv[k]) if uap_names else None
         summary = ""
         if best is not None and rand_curv:
-            summary = (f"Curvature of the loss at the data along {best}: {curv[best]:.4g}; along random "
-                       f"directions of equal norm: {figures['random_curvature_mean']:.4g} (mean).")
+            st, rc = figures["curvature_stats"][best], figures["random_curvature_stats"]
+            summary = (f"Curvature of the loss at the data along {best}: {curv[best]:.4g} ± {st['se']:.2g}; along "
+                       f"random directions of equal norm: {figures['random_curvature_mean']:.4g} ± {rc['se']:.2g} "
+                       f"(mean ± bootstrap s.e. over {n} images).")
         return DiagnosticResult(figures, plots, summary)
 
 

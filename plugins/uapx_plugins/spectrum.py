@@ -14,7 +14,7 @@ import uapx
 from uapx.diagnostics import Diagnostic, DiagnosticResult
 from uapx import stats
 from uapx.linalg import exact_svd_fits, randomized_svd, row_gram, top_svd_gram
-from uapx.plots import class_name, plt
+from uapx.plots import class_name, figure_vs_control, plt
 
 
 def spectrum_figures(S: torch.Tensor, total_energy: float, *, fraction: float) -> dict:
@@ -182,9 +182,27 @@ class SpectrumDiagnostic(Diagnostic):
                                                         if how["pool"] < how["n"] else "") + ").")
         figures = {"images": glob["n"], stats.IMAGES_PER_CLASS: stats.class_counts(pset.labels, over_ranks=True),
                    "global": glob, "per_class": per_class, "center": self.center}
-        return DiagnosticResult(figures,
-                                [("singular-values", fig, "Singular values of the perturbation matrix (log scale), "
-                                  "all images and each class.")], summary)
+        plots = [("singular-values", fig, "Singular values of the perturbation matrix (log scale), all images and "
+                                          "each class, and the random-rows control.")]
+        if "talk" in glob:
+            plots.append(("ratios", _ratios_plot(glob["talk"]), "The talk's ratios of the perturbation matrix beside "
+                          "those of its random-rows control (random rows with the same norms; log scale), with 95 % "
+                          "half-sampling intervals over rows where measured."))
+        return DiagnosticResult(figures, plots, summary)
+
+
+def _ratios_plot(talk: dict):
+    """sigma1/sigma2, sigma1/sigma10 and the energy share beside the control's, with their intervals."""
+    keys = ("sigma1_over_sigma2", "sigma1_over_sigma10", "energy_share")
+
+    def rows(src: dict) -> list:
+        b = src.get("bootstrap95", {})
+        return [(src[k], b[k]["low"], b[k]["high"]) if k in b else (src[k], src[k], src[k]) for k in keys]
+
+    t = {**talk["figures"], "bootstrap95": talk.get("bootstrap95", {})}
+    return figure_vs_control(["sigma1/sigma2", "sigma1/sigma10", "sigma1^2/||D||_F^2"], rows(t), rows(talk["control"]),
+                             ylabel="ratio (log scale)", figure_label="perturbations",
+                             control_label="control: random rows, same norms", log=True)
 
 
 @uapx.hookimpl

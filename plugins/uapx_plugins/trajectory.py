@@ -23,7 +23,7 @@ import uapx
 from uapx import distributed
 from uapx.diagnostics import Diagnostic, DiagnosticResult
 from uapx.stats import IMAGES_PER_CLASS, class_counts, mean_se
-from uapx.plots import plt
+from uapx.plots import figure_vs_control, normal95, plt
 
 REFERENCES = ("universal", "own_final", "own_mean")
 
@@ -138,12 +138,20 @@ class TrajectoryDiagnostic(Diagnostic):
         ax2.set_xlabel("cosine similarity (all steps, all starts)")
         ax2.set_ylabel("count")
         ax2.legend(fontsize=8)
+        fig3 = figure_vs_control(
+            list(cos), [normal95(figures[n]["before_last"]["mean"], figures[n]["before_last"]["se"]) for n in cos],
+            [normal95(figures[n]["control"]["mean"], figures[n]["control"]["se"]) for n in cos],
+            ylabel="mean cosine, steps before the last", figure_label=f"PGD gradients ({m} images)",
+            control_label=f"control: random unit vectors in {d} dims")
         u = figures["universal"]["before_last"]["mean"]
         f = figures["own_final"]["before_last"]["mean"]
         return DiagnosticResult(figures, [
             ("curves", fig, "Cosine similarity of the gradient at each PGD step to the average final-step "
                             "gradient over images (universal), the image's own final-step gradient and its own "
                             "trajectory-average gradient."),
+            ("readings", fig3, "Each reading's mean cosine over the steps before the last (per image, then over "
+                               "images) beside the cosines of random unit vectors at the same steps and images; "
+                               "95 % intervals (1.96 bootstrap s.e. over images)."),
             ("single-image", fig2, f"Image {index}: distribution of the cosine similarities over the steps of its "
                                    f"trajectory and of {self.restarts} more from random starts in the eps-ball."),
         ], summary=f"Over {m} trajectories of {steps} steps, the mean cosine similarity to the universal "
