@@ -256,7 +256,8 @@ def test_targeted_linf_run_reports_targeted_success(tmp_path):
         assert ev["norm"] == "linf" and ev["target_class"] == 3 and len(ev["targeted_success_wilson95"]) == 2
     v = torch.load(out / "uaps.pt", weights_only=False)["uaps"][0]["vector"]
     assert torch.allclose(v.abs(), torch.full_like(v, rep["config"]["eps"]))  # eps * sign
-    assert "targeted success" in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    assert "targeted success" in page and "not already classified 3 to that class" in page  # table, summary
     assert any("targeted-success" in p.name for p in out.rglob("*.png"))  # the plot beside the table
 
 

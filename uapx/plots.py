@@ -75,10 +75,13 @@ def normal95(value: float, se: float) -> Interval:
 
 def figure_vs_control(labels: list[str], figures: list[Interval], controls: list[Interval | None], *,
                       ylabel: str, figure_label: str = "figure", control_label: str = "random control",
-                      log: bool = False, width: float | None = None):
+                      log: bool = False, width: float | None = None, ax=None):
     """One axis: for each of ``labels`` its figure (black circle) and, beside it, its random control
-    (grey square), each with its 95 % interval as an error bar.  Returns the matplotlib Figure."""
-    fig, ax = plt.subplots(figsize=(width or max(3.2, 1.1 * len(labels) + 1.6), 3.2))
+    (grey square), each with its 95 % interval as an error bar.  Draws into ``ax`` when given (a panel
+    of a larger figure), else into a new figure; returns the matplotlib Figure."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(width or max(3.2, 1.1 * len(labels) + 1.6), 3.2))
+    fig = ax.figure
     for shift, rows, style, name in ((-0.12, figures, dict(fmt="o", color="k"), figure_label),
                                      (0.12, controls, dict(fmt="s", color="grey", mfc="white"), control_label)):
         xs = [i + shift for i, r in enumerate(rows) if r is not None]
@@ -87,13 +90,14 @@ def figure_vs_control(labels: list[str], figures: list[Interval], controls: list
             continue
         err = [[max(0.0, v - lo) for v, lo, _ in vs], [max(0.0, hi - v) for v, _, hi in vs]]
         ax.errorbar(xs, [v for v, _, _ in vs], yerr=err, capsize=4, label=name, **style)
-    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=20 if len(labels) > 3 else 0,
-                  ha="right" if len(labels) > 3 else "center")
+    tilt = len(labels) > 3
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=20 if tilt else 0, ha="right" if tilt else "center")
     ax.set_xlim(-0.5, len(labels) - 0.5)
     if log:
         ax.set_yscale("log")
     ax.set_ylabel(ylabel, fontsize=8)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.22 if tilt else -0.12), ncol=2,
+              frameon=False)  # below the axis: never over the data
     fig.tight_layout()
     return fig
 
@@ -210,7 +214,7 @@ def uap_summary(analysis: "Analysis", baseline: dict) -> str:
     if held is None:
         return (f"Best global UAP: {best.name} fools {fr:.1%} of {analysis.n_images} images (in-sample: the images it "
                 f"was fitted on) at {ball_words(analysis)} {analysis.eps:g}; random directions of that norm fool {rb['mean']:.1%} "
-                f"(sd {rb['std']:.1%}, {baseline['draws']} draws).")
+                f"(sd {rb['std']:.1%}, {baseline['draws']} draws)." + targeted_words(analysis, best, baseline))
     h = held.evaluations[best.name].best
     hb = (held.random_baseline or baseline)["fooling_rate"]
     lo, hi = h.fooling_wilson95
@@ -218,7 +222,22 @@ def uap_summary(analysis: "Analysis", baseline: dict) -> str:
     return (f"Best global UAP (chosen on the fit images): {best.name} fools {h.fooling_rate:.1%} [{lo:.1%}, {hi:.1%}] "
             f"of {held.n_images} held-out images ({held.split}, {HELD_OUT_WORDS[held.protocol]}) at "
             f"{ball_words(analysis)} {analysis.eps:g} (in-sample: {fr:.1%} of the {analysis.n_images} fit images); random directions of that "
-            f"norm fool {hb['mean']:.1%} [{rlo:.1%}, {rhi:.1%}] of the held-out images ({baseline['draws']} draws).")
+            f"norm fool {hb['mean']:.1%} [{rlo:.1%}, {rhi:.1%}] of the held-out images ({baseline['draws']} draws)."
+            + targeted_words(analysis, best, held.random_baseline or baseline))
+
+
+def targeted_words(analysis: "Analysis", best, baseline: dict) -> str:
+    """For a targeted UAP ``best``: its targeted success rate (held-out where there is a held-out set)
+    and the random control's, as a sentence (empty for an untargeted UAP)."""
+    target = getattr(best, "target_class", None)
+    ts = baseline.get("targeted_success")
+    if target is None or not ts:
+        return ""
+    shown = analysis.heldout.evaluations if analysis.heldout is not None else analysis.evaluations
+    e = shown[best.name].best
+    return (f" It sends {e.targeted_success:.1%} {interval(e.targeted_wilson95)} of the images not already classified "
+            f"{class_name(analysis, int(target))} to that class; random directions {ts['mean']:.1%} "
+            f"{interval(ts['wilson95'])}.")
 
 
 def comparison_table(analysis: "Analysis", baseline: dict) -> tuple[list[str], list[list]]:
