@@ -198,10 +198,17 @@ HELD_OUT_WORDS = {"split": "another split than the fit images'",
 
 
 def best_global(analysis: "Analysis"):
-    """The global UAP with the highest fooling rate on the images it was fitted on (so that choosing
-    it does not peek at the held-out images); None without global UAPs."""
+    """The global UAP with the highest fooling rate (targeted UAPs: targeted success rate) on the
+    images it was fitted on (so that choosing it does not peek at the held-out images); None
+    without global UAPs."""
     glob = _global(analysis)
-    return max(glob, key=lambda u: analysis.evaluations[u.name].best.fooling_rate) if glob else None
+
+    def score(u) -> float:
+        e = analysis.evaluations[u.name].best
+        t = e.targeted_success
+        return e.fooling_rate if t is None else (t if t == t else -1.0)  # NaN: no image to send
+
+    return max(glob, key=score) if glob else None
 
 
 def uap_summary(analysis: "Analysis", baseline: dict) -> str:
