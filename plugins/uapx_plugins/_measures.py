@@ -18,7 +18,7 @@ from torch import nn
 import uapx
 from uapx import distributed, stats
 from uapx.stats import bootstrap_se, class_counts, wilson  # noqa: F401  (M.wilson)
-from uapx.plots import plt
+from uapx.plots import figure_vs_control, normal95, plt
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss_fn(model_output, y) -> (N,)`` per-image loss; the default is cross-entropy."""
@@ -169,16 +169,9 @@ def measure_result(name: str, label: str, values: torch.Tensor, control: torch.T
     ax1.set_xlabel(label)
     ax1.set_ylabel("images")
     ax1.legend(fontsize=7)
-    names, means, ses = [label], [m], [se]
-    if control is not None:
-        names.append("control")
-        means.append(figures["control"]["mean"])
-        ses.append(figures["control"]["se"])
-    ax2.errorbar(range(len(names)), means, yerr=[1.96 * s for s in ses], fmt="o", capsize=4)
-    ax2.set_xticks(range(len(names)), names, fontsize=7)
-    ax2.set_xlim(-0.5, len(names) - 0.5)
-    ax2.set_ylabel("mean over images (95 % CI)")
-    fig.tight_layout()
+    ctl = normal95(figures["control"]["mean"], figures["control"]["se"]) if control is not None else None
+    figure_vs_control([label], [normal95(m, se)], [ctl], ylabel="mean over images (95 % CI)", figure_label=label,
+                      control_label="control", ax=ax2)
     text = f"{label}: {m:.4g} ± {se:.2g} (mean ± bootstrap s.e. over {values.numel()} images)"
     if control is not None:
         text += f"; control ({control_label}): {figures['control']['mean']:.4g} ± {figures['control']['se']:.2g}"
