@@ -35,6 +35,7 @@ _LAZY: dict[str, tuple[str, ...]] = {
     "AnalyzeConfig": ("uapx.pipeline:AnalyzeConfig",),
     "AnalyzeResult": ("uapx.pipeline:AnalyzeResult",),
     "Analysis": ("uapx.analysis:Analysis",),
+    "HeldOut": ("uapx.analysis:HeldOut",),
     "attack_dataset": ("uapx.pipeline:attack_dataset",),
     "apply_uaps": ("uapx.pipeline:apply_uaps",),
     "load_data": ("uapx.data:load",),

@@ -136,7 +136,8 @@ class Analysis(MethodData):
 
     def __repr__(self) -> str:
         return (f"Analysis(model={self.model_id or type(self.model).__name__!r}, n_images={self.n_images}, "
-                f"eps={self.eps:g}, {len(self.uaps)} UAPs)")
+                f"eps={self.eps:g}, {len(self.uaps)} UAPs"
+                + (f", {self.heldout.n_images} held-out images)" if self.heldout is not None else ")"))
 
     def trajectories(self) -> Trajectory:
         """The attack's trajectories of the first ``trajectory_samples`` images, recorded once and

@@ -90,7 +90,7 @@ def _run_one(c: ReproduceConfig, dataset: str, model: str, eps: float, parts: Pa
     done = parts / name / "report.json"
     if done.is_file():
         rep = json.loads(done.read_text())
-        if rep.get("config") == asdict(cfg.resolved()):
+        if rep.get("config") == asdict(cfg.resolved(reg.get(cfg.attack, "attack"))):
             return rep
     return analyze(cfg, registry=reg).report
 

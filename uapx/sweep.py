@@ -15,7 +15,7 @@ import shutil
 from dataclasses import asdict, replace
 from typing import Any
 
-from . import atomic
+from . import atomic, distributed
 from .plots import plt
 from .report import Report, check_output_folder
 
@@ -164,9 +164,12 @@ def analyze_sweep(config, eps_list: list[float], *, registry=None, model=None, d
     p = plan(config, reg)
     configs = [replace(config, eps=e) for e in eps_list]
     resolved = [cfg.resolved(p.attack) for cfg in configs]  # every budget checked before any work
-    out = check_output_folder(config.out, overwrite=config.overwrite, claim=True)  # released once written
+    main = distributed.is_main()  # under torchrun every rank attacks its shard; rank 0 writes
+    out = check_output_folder(config.out, overwrite=config.overwrite, claim=main)  # released once written
     parts = out.with_name(out.name + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
+    if main:
+        parts.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     reports, last = {}, None
     for cfg, res_cfg in zip(configs, resolved):
         folder = parts / eps_folder(res_cfg.eps)
@@ -192,10 +195,12 @@ def analyze_sweep(config, eps_list: list[float], *, registry=None, model=None, d
     report.add_plot("eps-sweep", "figures-vs-eps", sweep_plot({label: figures}), CAPTION)
     report.summaries["eps-sweep"] = "\n".join(summary_lines(label, figures) + [
         "Each eps's full report: " + ", ".join(f"{eps_folder(e)}/index.html" for e in sorted(reports)) + "."])
-    with atomic.atomic_path(out, directory=True, replace=config.overwrite) as tmp:
-        for e in sorted(reports):
-            shutil.copytree(parts / eps_folder(e), tmp / eps_folder(e))
-        report.write_into(tmp)
-    atomic.release(out)
-    shutil.rmtree(parts, ignore_errors=True)
+    if main:
+        with atomic.atomic_path(out, directory=True, replace=config.overwrite) as tmp:
+            for e in sorted(reports):
+                shutil.copytree(parts / eps_folder(e), tmp / eps_folder(e))
+            report.write_into(tmp)
+        atomic.release(out)
+        shutil.rmtree(parts, ignore_errors=True)
+    distributed.barrier()
     return AnalyzeResult(out, report.data, last.analysis if last is not None else None)
