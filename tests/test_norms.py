@@ -165,6 +165,11 @@ def test_targeted_success_rate_against_a_hand_count():
 
     assert eff.targeted_wilson95 == pytest.approx(wilson(4, 6))
     assert SignEffect.measure(pred, clean, y, 4).targeted_success is None
+    from uapx.evaluate import baseline_stats
+
+    all_target = torch.full((5,), 3)  # no image to send: no rate, and no crash
+    base = baseline_stats(0.1, [all_target], clean_pred=all_target, y=all_target, num_classes=4, target=3)
+    assert base["targeted_success"]["mean"] != base["targeted_success"]["mean"]
 
 
 def test_random_linf_control_has_the_uaps_norm_and_target():

@@ -186,7 +186,8 @@ def baseline_stats(eps: float, preds: list[torch.Tensor] | torch.Tensor, *, clea
         k, n = k + round(eff.fooling_rate * eff.n), n + eff.n
         if target is not None:
             hit.append(eff.targeted_success)
-            kt, nt = kt + round(eff.targeted_success * eff.targeted_n), nt + eff.targeted_n
+            if eff.targeted_n:  # else every image is the target already: nothing to count
+                kt, nt = kt + round(eff.targeted_success * eff.targeted_n), nt + eff.targeted_n
 
     def stats(vals: list[float]) -> dict:
         m = sum(vals) / len(vals)
