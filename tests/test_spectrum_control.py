@@ -49,16 +49,22 @@ def _planted(seed, n=200, d=400, a1=200.0, a2=50.0):
     D = torch.randn(n, d, generator=g, dtype=torch.float64)
     D[:, 0] += a1 ** 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
     D[:, 1] += a2 ** 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
-    return D, {"sigma1_over_sigma2": ((a1 + 1) / (a2 + 1)) ** 0.5, "energy_share": (a1 + 1) / (a1 + a2 + d)}
+    return D, {"sigma1_over_sigma2": ((a1 + 1) / (a2 + 1)) ** 0.5, "energy_share": (a1 + 1) / (a1 + a2 + d),
+               "lambda": [a1 + 1, a2 + 1]}
 
 
 def test_intervals_cover_a_planted_spectrum_and_contain_their_estimates():
-    covered = {"sigma1_over_sigma2": 0, "energy_share": 0}
+    covered = {"sigma1_over_sigma2": 0, "energy_share": 0, "lambda1": 0, "lambda2": 0}
     for seed in range(40):
         D, population = _planted(seed)
         s = np.linalg.svd(D.numpy(), compute_uv=False)  # the estimate, by NumPy
         value = talk_figures(torch.from_numpy(s), float((s ** 2).sum()))
-        b = ratio_intervals(D.split(64), *D.shape, value, seed=seed)
+        b = ratio_intervals(D.split(64), *D.shape, value, singular_values=s[:5].tolist(), seed=seed)
+        lam, sv = b["eigenvalues_second_moment"], b["singular_values"]
+        for i in range(5):  # the second-moment eigenvalues s_i^2 / N and the singular values s_i
+            assert lam["low"][i] <= s[i] ** 2 / len(D) <= lam["high"][i] and sv["low"][i] <= s[i] <= sv["high"][i]
+        for i, p in enumerate(population.pop("lambda")):  # the population second moment's eigenvalues
+            covered[f"lambda{i + 1}"] += lam["low"][i] <= p <= lam["high"][i]
         for key, p in population.items():
             assert b[key]["low"] <= value[key] <= b[key]["high"], (seed, key)
             covered[key] += b[key]["low"] <= p <= b[key]["high"]

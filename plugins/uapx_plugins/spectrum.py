@@ -48,28 +48,42 @@ def talk_figures(S: torch.Tensor, total_energy: float) -> dict:
 TALK_KEYS = ("sigma1_over_sigma2", "sigma1_over_sigma10", "sigma5_over_sigma1", "energy_share")
 
 
-def _ratios_from_gram(G: torch.Tensor) -> torch.Tensor:
-    """``TALK_KEYS`` ``(4,)`` from a row Gram matrix ``G = R R^T`` ``(m, m)``: its eigenvalues are the
+def _ratios_from_gram(G: torch.Tensor, k: int = 0) -> torch.Tensor:
+    """``TALK_KEYS`` and the top ``k`` eigenvalues of the second-moment matrix ``R^T R / m`` (nan past
+    the rank), ``(4 + k,)``, from a row Gram matrix ``G = R R^T`` ``(m, m)``: its eigenvalues are the
     squared singular values of ``R`` and its trace is ``||R||_F^2``."""
-    s = torch.linalg.eigvalsh(G).flip(0)[:10].clamp_min(0).sqrt()
-    f = talk_figures(s, float(G.diagonal().sum()))
-    return torch.tensor([f[k] for k in TALK_KEYS], dtype=torch.float64)
+    ev = torch.linalg.eigvalsh(G).flip(0).clamp_min(0)
+    f = talk_figures(ev[:10].sqrt(), float(G.diagonal().sum()))
+    lam = torch.full((k,), math.nan, dtype=torch.float64)
+    lam[:min(k, len(ev))] = ev[:k] / G.shape[0]
+    return torch.cat([torch.tensor([f[key] for key in TALK_KEYS], dtype=torch.float64), lam])
 
 
-def ratio_intervals(chunks, n: int, d: int, value: dict, *, seed: int, reps: int = stats.SUBSAMPLE_REPS) -> dict:
+def ratio_intervals(chunks, n: int, d: int, value: dict, *, singular_values: list[float] | None = None, seed: int,
+                    reps: int = stats.SUBSAMPLE_REPS) -> dict:
     """95 % half-sampling intervals (:func:`uapx.stats.subsample_interval`) of ``TALK_KEYS`` of an
-    ``(n, d)`` matrix streamed as ``chunks``, around its full-matrix figures ``value``.
+    ``(n, d)`` matrix streamed as ``chunks``, around its full-matrix figures ``value``; with the
+    matrix's top ``singular_values`` ``sigma_i``, also of the second-moment eigenvalues
+    ``lambda_i = sigma_i^2 / n`` (the subsample's ``sigma_i(S)^2 / m``; a figure that does not grow
+    with the rows) and, through ``sigma_i = sqrt(n lambda_i)``, of the singular values.
 
     The row Gram matrix of a pool of ``P = min(n, SUBSAMPLE_POOL_ROWS)`` rows (a seeded draw) is built
     once, in one pass that holds only those rows; each replicate is the eigenvalues of an ``m x m``
     principal submatrix of it, ``m = min(P / 2, SUBSAMPLE_MAX_ROWS)``: the cost is bounded whatever ``n``.  Returns
-    ``{key: {"se", "low", "high", "shift"}}`` and ``"method"``: the rows, pool and replicates used."""
+    ``{key: {"se", "low", "high", "shift"}}``, ``"eigenvalues_second_moment"`` (the same, as lists),
+    ``"singular_values"`` (``{"low", "high"}`` lists) and ``"method"``: the rows, pool and replicates used."""
     pool = stats.subsample_pool(n, seed=seed)
     G = row_gram(chunks, n, d, pool)
-    v = torch.tensor([value[k] for k in TALK_KEYS], dtype=torch.float64)
-    r = stats.subsample_interval(lambda idx: _ratios_from_gram(G[idx][:, idx]), v, len(pool), n=n, seed=seed + 1,
-                                 reps=reps)
-    out = {k: {s_: r[s_][i] for s_ in ("se", "low", "high", "shift")} for i, k in enumerate(TALK_KEYS)}
+    sv = torch.tensor(singular_values or [], dtype=torch.float64)
+    v = torch.cat([torch.tensor([value[k] for k in TALK_KEYS], dtype=torch.float64), sv ** 2 / n])
+    r = stats.subsample_interval(lambda idx: _ratios_from_gram(G[idx][:, idx], len(sv)), v, len(pool), n=n,
+                                 seed=seed + 1, reps=reps)
+    stat_keys = ("se", "low", "high", "shift")
+    out = {k: {s_: r[s_][i] for s_ in stat_keys} for i, k in enumerate(TALK_KEYS)}
+    if len(sv):
+        lam = {s_: r[s_][len(TALK_KEYS):] for s_ in stat_keys}
+        out["eigenvalues_second_moment"] = lam
+        out["singular_values"] = {b: [math.sqrt(n * max(x, 0.0)) for x in lam[b]] for b in ("low", "high")}
     out["method"] = {"what": f"half-sampling without replacement: {r['reps']} subsamples of {r['rows']} of "
                              f"{r['pool']} rows{' (a seeded draw of the ' + str(n) + ')' if r['pool'] < n else ''}, "
                              "reflected quantile interval centred on the estimate, width scaled by "
@@ -107,9 +121,11 @@ def controlled_figures(pset, *, seed: int, top: int, bootstrap: bool = True) -> 
     out["figures"]["eigenvalue5_over_eigenvalue1"] = ev[4] / ev[0] if len(ev) > 4 and ev[0] > 0 else math.nan
     if bootstrap and not distributed.active() and len(pset) > 2:
         n, d = len(pset), pset.d
-        out["bootstrap95"] = ratio_intervals(pset.chunks(), n, d, out["figures"], seed=seed)
+        out["bootstrap95"] = ratio_intervals(pset.chunks(), n, d, out["figures"],
+                                             singular_values=res.S.double()[:top].tolist(), seed=seed)
         out["control"]["bootstrap95"] = ratio_intervals(random_rows_like(pset.chunks(), seed=seed), n, d,
-                                                        out["control"], seed=seed + 2)
+                                                        out["control"], singular_values=out["control"]["singular_values"],
+                                                        seed=seed + 2)
     return out
 
 
@@ -163,6 +179,14 @@ class SpectrumDiagnostic(Diagnostic):
         if "talk" in glob:
             t, cs = glob["talk"], glob["talk"]["control"]["singular_values"]
             ax.semilogy(range(1, len(cs) + 1), cs, "x:", color="grey", label="control (random rows)")
+            for src, vals, color in ((t.get("bootstrap95", {}), glob["singular_values"], "k"),
+                                     (t["control"].get("bootstrap95", {}), cs, "grey")):
+                b = src.get("singular_values")
+                if b:  # 95 % half-sampling intervals over rows
+                    j = min(len(vals), len(b["low"]))
+                    ax.errorbar(range(1, j + 1), vals[:j], yerr=[[max(0.0, v - lo) for v, lo in zip(vals, b["low"])],
+                                                                  [max(0.0, hi - v) for v, hi in zip(vals, b["high"])]],
+                                fmt="none", color=color, capsize=2, lw=0.8, zorder=4)
             ax.legend(fontsize=6, ncol=2)
             bi = t.get("bootstrap95", {})
 
@@ -183,7 +207,8 @@ class SpectrumDiagnostic(Diagnostic):
         figures = {"images": glob["n"], stats.IMAGES_PER_CLASS: stats.class_counts(pset.labels, over_ranks=True),
                    "global": glob, "per_class": per_class, "center": self.center}
         plots = [("singular-values", fig, "Singular values of the perturbation matrix (log scale), all images and "
-                                          "each class, and the random-rows control.")]
+                                          "each class, and the random-rows control; error bars: 95 % half-sampling "
+                                          "intervals over rows (all images and control).")]
         if "talk" in glob:
             plots.append(("ratios", _ratios_plot(glob["talk"]), "The talk's ratios of the perturbation matrix beside "
                           "those of its random-rows control (random rows with the same norms; log scale), with 95 % "
