@@ -52,7 +52,8 @@ def held_out_best(rep: dict) -> dict | None:
 
 def spectrum_figure(rep: dict | None, key: str) -> tuple[dict, dict] | None:
     """``(figure, control)`` of spectrum's talk figure ``key`` (e.g. ``"sigma1_over_sigma2"``), each
-    ``{"mean", "se", "low", "high"}`` (95 % bootstrap over rows); None without the spectrum figures."""
+    ``{"mean", "se", "low", "high"}`` (95 % half-sampling interval over rows,
+    :func:`uapx.stats.subsample_interval`); None without the spectrum figures."""
     t = _get(rep, "diagnostics", "spectrum", "global", "talk")
     if not t or "bootstrap95" not in t:
         return None
