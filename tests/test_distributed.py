@@ -66,6 +66,11 @@ def test_two_ranks_give_the_singular_values_of_one_process(reports):
     torch.testing.assert_close(torch.tensor(sb), torch.tensor(sa), rtol=1e-4, atol=0)
     ca, cb = (r["diagnostics"]["spectrum"]["images_per_class"] for r in (a, b))  # summed over both ranks
     assert ca == cb and sum(cb.values()) == 150
+    ia, ib = (r["diagnostics"]["spectrum"]["global"]["talk"]["bootstrap95"] for r in (a, b))  # pool rows gathered
+    for key in ("sigma1_over_sigma2", "energy_share"):
+        for stat in ("low", "high", "se"):
+            assert ib[key][stat] == pytest.approx(ia[key][stat], rel=1e-4), (key, stat)
+    assert ia["method"]["n"] == ib["method"]["n"] == 150
     for method in ("svd", "rsvd"):
         for i in range(1, 5):
             name = f"{method}:v{i}"
@@ -278,17 +283,17 @@ def test_attack_with_two_ranks_writes_the_set_one_process_writes(tmp_path):
 
 
 def test_a_class_held_by_one_rank_only_pairs_up_the_reductions(tmp_path):
-    """12 images, 6 per rank: classes 0 and 5 lie on rank 0 only, 6 and 9 on rank 1 only.  Every
-    rank must still take part in every class's reduction, or the per-class reductions of
-    different classes pair up across ranks and mix silently."""
-    import uapx.data
+    """12 fit images (of a sample of 24, the other 12 held out), 6 per rank: some classes lie on rank 0
+    only, others on rank 1 only.  Every rank must still take part in every class's reduction, or the
+    per-class reductions of different classes pair up across ranks and mix silently."""
+    from uapx.pipeline import AnalyzeConfig, draw_images
 
-    y = uapx.data.load("mnist", "test").subset(12, seed=0).y
+    y = draw_images(AnalyzeConfig(n_samples=24))[0].y  # the fit images, as analyze draws them
     only_rank0 = set(y[:6].tolist()) - set(y[6:].tolist())
     only_rank1 = set(y[6:].tolist()) - set(y[:6].tolist())
     assert only_rank0 and only_rank1  # the case this test is about
     args = ["analyze", "--plugins", "average,svd,sgd-uap", "--set", "sgd-uap.per_class=true",
-            "--set", "sgd-uap.epochs=2", "--n-samples", "12", "--steps", "2", "--random-draws", "1", "--k", "2"]
+            "--set", "sgd-uap.epochs=2", "--n-samples", "24", "--steps", "2", "--random-draws", "1", "--k", "2"]
     uaps = []
     for ranks in (1, 2):
         res = run(tmp_path, tmp_path / f"r{ranks}", ranks=ranks, args=args)

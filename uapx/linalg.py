@@ -127,14 +127,20 @@ def top_svd_gram(chunks: Iterable[torch.Tensor], d: int, k: int, *, center: bool
 
 def row_gram(chunks: Iterable[torch.Tensor], n: int, d: int, rows: torch.Tensor) -> torch.Tensor:
     """One pass: the Gram matrix ``R R^T`` ``(P, P)`` float64 of the rows ``R`` at the ascending
-    positions ``rows`` ``(P,)`` of an ``(n, d)`` matrix streamed in row blocks; only those ``P`` rows
-    are held.  A subset of them is a principal submatrix of it (no second look at the rows)."""
-    held = torch.empty(len(rows), d, dtype=torch.float64)
+    positions ``rows`` ``(P,)`` of a matrix streamed in row blocks (``n`` rows of ``d`` here); only
+    those ``P`` rows are held.  A subset of them is a principal submatrix of it (no second look at
+    the rows).  Under torch.distributed ``rows`` are global positions (rank 0's rows first,
+    :func:`uapx.distributed.row_offset`): each rank takes its own and the ``P`` rows are gathered, so
+    every rank gets the same matrix (a collective)."""
+    start, _ = distributed.row_offset(n)
+    mine = rows[(rows >= start) & (rows < start + n)] - start
+    held = torch.empty(len(mine), d, dtype=torch.float64)
     at = 0
     for sl, b in _blocks(chunks, n, d):
-        stop = at + int(torch.searchsorted(rows[at:], sl.stop))
-        held[at:stop] = b[rows[at:stop] - sl.start].to(torch.float64)
+        stop = at + int(torch.searchsorted(mine[at:], sl.stop))
+        held[at:stop] = b[mine[at:stop] - sl.start].to(torch.float64)
         at = stop
+    held = distributed.all_gather_rows(held)
     return held @ held.T
 
 

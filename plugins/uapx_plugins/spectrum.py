@@ -12,7 +12,7 @@ import torch
 
 import uapx
 from uapx.diagnostics import Diagnostic, DiagnosticResult
-from uapx import stats
+from uapx import distributed, stats
 from uapx.linalg import exact_svd_fits, randomized_svd, row_gram, top_svd_gram
 from uapx.plots import class_name, figure_vs_control, plt
 
@@ -61,8 +61,10 @@ def _ratios_from_gram(G: torch.Tensor, k: int = 0) -> torch.Tensor:
 
 def ratio_intervals(chunks, n: int, d: int, value: dict, *, singular_values: list[float] | None = None, seed: int,
                     reps: int = stats.SUBSAMPLE_REPS) -> dict:
-    """95 % half-sampling intervals (:func:`uapx.stats.subsample_interval`) of ``TALK_KEYS`` of an
-    ``(n, d)`` matrix streamed as ``chunks``, around its full-matrix figures ``value``; with the
+    """95 % half-sampling intervals (:func:`uapx.stats.subsample_interval`) of ``TALK_KEYS`` of a
+    matrix streamed as ``chunks`` (``n`` rows of ``d`` in this process; under torch.distributed each
+    rank's rows, a collective whose answer is every rank's and the single process's), around its
+    full-matrix figures ``value``; with the
     matrix's top ``singular_values`` ``sigma_i``, also of the second-moment eigenvalues
     ``lambda_i = sigma_i^2 / n`` (the subsample's ``sigma_i(S)^2 / m``; a figure that does not grow
     with the rows) and, through ``sigma_i = sqrt(n lambda_i)``, of the singular values.
@@ -72,8 +74,9 @@ def ratio_intervals(chunks, n: int, d: int, value: dict, *, singular_values: lis
     principal submatrix of it, ``m = min(P / 2, SUBSAMPLE_MAX_ROWS)``: the cost is bounded whatever ``n``.  Returns
     ``{key: {"se", "low", "high", "shift"}}``, ``"eigenvalues_second_moment"`` (the same, as lists),
     ``"singular_values"`` (``{"low", "high"}`` lists) and ``"method"``: the rows, pool and replicates used."""
+    n_local, n = n, distributed.row_offset(n)[1]
     pool = stats.subsample_pool(n, seed=seed)
-    G = row_gram(chunks, n, d, pool)
+    G = row_gram(chunks, n_local, d, pool)
     sv = torch.tensor(singular_values or [], dtype=torch.float64)
     v = torch.cat([torch.tensor([value[k] for k in TALK_KEYS], dtype=torch.float64), sv ** 2 / n])
     r = stats.subsample_interval(lambda idx: _ratios_from_gram(G[idx][:, idx], len(sv)), v, len(pool), n=n,
@@ -102,10 +105,8 @@ def random_rows_like(chunks, *, seed: int):
 
 def controlled_figures(pset, *, seed: int, top: int, bootstrap: bool = True) -> dict:
     """The talk's figures of ``pset``'s matrix D beside its random control (rows of the same norms),
-    each with a 95 % half-sampling interval over rows (:func:`ratio_intervals`), and the eigenvalues of the second-moment matrix
-    D^T D / N and of the covariance matrix of the rows (the talk's eigen-spectra)."""
-    from uapx import distributed
-
+    each with a 95 % half-sampling interval over rows (:func:`ratio_intervals`), and the eigenvalues of
+    the second-moment matrix D^T D / N and of the covariance matrix of the rows (the talk's eigen-spectra)."""
     res = top_svd_gram(pset.chunks(), pset.d, pset.d, center=False)
     cen = top_svd_gram(pset.chunks(), pset.d, pset.d, center=True)
     ctl = top_svd_gram(random_rows_like(pset.chunks(), seed=seed), pset.d, pset.d, center=False)
@@ -119,8 +120,8 @@ def controlled_figures(pset, *, seed: int, top: int, bootstrap: bool = True) -> 
     ev = out["eigenvalues_second_moment"]
     out["figures"]["eigenvalue1_over_eigenvalue2"] = ev[0] / ev[1] if len(ev) > 1 and ev[1] > 0 else math.inf
     out["figures"]["eigenvalue5_over_eigenvalue1"] = ev[4] / ev[0] if len(ev) > 4 and ev[0] > 0 else math.nan
-    if bootstrap and not distributed.active() and len(pset) > 2:
-        n, d = len(pset), pset.d
+    if bootstrap and res.n > 2:
+        n, d = len(pset), pset.d  # this process's rows
         out["bootstrap95"] = ratio_intervals(pset.chunks(), n, d, out["figures"],
                                              singular_values=res.S.double()[:top].tolist(), seed=seed)
         out["control"]["bootstrap95"] = ratio_intervals(random_rows_like(pset.chunks(), seed=seed), n, d,
