@@ -194,26 +194,26 @@ def _landscape_measures(rep: dict) -> dict:
     return out
 
 
-def _energy_stats(rep: dict, seed: int = 0) -> dict | None:
-    """Mean +- bootstrap s.e. (over classes) of the data-subspace energy of the class-specific
-    average UAPs, and the random-direction control."""
-    e = _get(rep, "diagnostics", "interpretability", "data_subspace_energy", default={})
+def _class_uap_stats(rep: dict, key: str, control: str, seed: int = 0) -> dict | None:
+    """Mean +- bootstrap s.e. (over classes) of interpretability's figure ``key`` of the class-specific
+    average UAPs, with its random-direction control ``control``; None where either is missing."""
+    e = _get(rep, "diagnostics", "interpretability", key, default={})
     vals = [v for k, v in e.items() if k.startswith("average:class-")]
-    ctl = _get(rep, "diagnostics", "interpretability", "random_subspace_energy_stats")
+    ctl = _get(rep, "diagnostics", "interpretability", control)
     if len(vals) < 2 or not ctl:
         return None
     return {**stats.mean_se(torch.tensor(vals), seed=seed), "control": ctl}
+
+
+def _energy_stats(rep: dict, seed: int = 0) -> dict | None:
+    """The data-subspace energy of the class-specific average UAPs and its random-direction control."""
+    return _class_uap_stats(rep, "data_subspace_energy", "random_subspace_energy_stats", seed)
 
 
 def _alignment_stats(rep: dict, seed: int = 0) -> dict | None:
-    """Signed cosines of the class-specific average UAPs with their class-mean differences: mean +-
-    bootstrap s.e. over classes, and the random-direction control (signed; a sign is meaningful)."""
-    a = _get(rep, "diagnostics", "interpretability", "class_alignment", default={})
-    vals = [v for k, v in a.items() if k.startswith("average:class-")]
-    ctl = _get(rep, "diagnostics", "interpretability", "class_alignment_control")
-    if len(vals) < 2 or not ctl:
-        return None
-    return {**stats.mean_se(torch.tensor(vals), seed=seed), "control": ctl}
+    """Signed cosines of the class-specific average UAPs with their class-mean differences, and the
+    random-direction control (signed; a sign is meaningful)."""
+    return _class_uap_stats(rep, "class_alignment", "class_alignment_control", seed)
 
 
 def _greater(a: dict, b: dict) -> dict:
