@@ -118,6 +118,7 @@ def test_reproduce_end_to_end_on_mnist(tmp_path, data_root):
         assert figs[1]["held_out"] == rep["runs"][model]["held_out"]  # the study's eps is the study's run
     assert (out / "mnist-l2-eps4" / "index.html").is_file()
     assert any(p["section"] == "eps-sweep" for p in rep["plots"])
+    assert any(p["file"] == "landscape-subspace-test.png" for p in rep["plots"])  # the subspace test per model
     assert (out / "mnist-natural" / "index.html").is_file()
     assert not (tmp_path / "study.parts").exists()
     page = (out / "index.html").read_text()

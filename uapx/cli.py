@@ -128,7 +128,9 @@ def _add_attack_args(p: argparse.ArgumentParser, attacks: list[str]) -> None:
          shown="per norm and data set: " + defaults.described())
     _opt(p, A, "steps", "PGD steps", type=argtypes.whole(1))
     _opt(p, A, "step_size", "PGD step size", type=argtypes.positive, shown="2.5*eps/steps")
-    _opt(p, A, "n_samples", "images to attack, a seeded random subset, or 'all'", type=argtypes.count_or_all)
+    _opt(p, A, "n_samples", "images drawn from --split (a seeded class-stratified subset) and attacked, or 'all'; "
+         "analyze: where the held-out images come from the same split, a part of them is held out instead (see "
+         "--eval-split)", type=argtypes.count_or_all)
     _opt(p, A, "batch_size", "attack batch size", type=argtypes.whole(1))
     _opt(p, A, "target_class", "targeted: push every image to class C (the attack descends C's loss; the UAPs and "
          "their targeted success rate aim at C)", type=argtypes.whole(0), metavar="C", shown="none (untargeted)")

@@ -469,6 +469,7 @@ def _comparison_plots(report: Report, runs: dict[str, dict | None], parts: Path)
     report.add_plot("landscape", "natural-vs-adversarial", fig,
                     "Loss along the top singular direction (solid) and a random direction (dashed) per model.")
     _fooling_plot(report, done)
+    _subspace_plot(report, done)
     _uap_images(report, done, parts)
 
 
@@ -494,6 +495,35 @@ def _fooling_plot(report: Report, done: dict[str, dict]) -> None:
     report.add_plot("runs", "fooling-rates", fig,
                     "Best global UAP per model: held-out fooling rate with its Wilson 95 % interval (the figure), "
                     "the in-sample rate on the images it was fitted on, and random directions of the same norm.")
+
+
+def _subspace_plot(report: Report, done: dict[str, dict]) -> None:
+    """The subspace test per model (Moosavi-Dezfooli et al. 2017): held-out fooling rate of random
+    vectors in the span of the top-k singular vectors against k (Wilson 95 % bars), and unconstrained
+    random vectors of the same norm (dotted), one panel per data set."""
+    subs = {m: s for m, r in done.items() if (s := _get(r, "diagnostics", "subspace"))}
+    if not subs:
+        return
+    sets = list(dict.fromkeys(_dataset_of(m) for m in subs))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 3.4), squeeze=False)
+    for ax, ds in zip(axes[0], sets):
+        for i, (m, sub) in enumerate((m, s) for m, s in subs.items() if _dataset_of(m) == ds):
+            ks, color = sub["k"], f"C{i}"
+            fr = [sub["subspace"][str(k)]["fooling_rate"] for k in ks]
+            ci = [sub["subspace"][str(k)]["wilson_95"] for k in ks]
+            ax.errorbar(ks, fr, yerr=[[max(0.0, f - lo) for f, (lo, _) in zip(fr, ci)],
+                                      [max(0.0, hi - f) for f, (_, hi) in zip(fr, ci)]],
+                        fmt="o-", color=color, capsize=3, label=f"{m}: top-k span")
+            ax.axhline(sub["random"]["fooling_rate"], color=color, ls=":", label=f"{m}: unconstrained random")
+        ax.set_xscale("log")
+        ax.set_xlabel("k")
+        ax.set_ylabel("held-out fooling rate")
+        ax.set_title(str(ds), fontsize=9)
+        ax.legend(fontsize=6)
+    report.add_plot("landscape", "subspace-test", fig,
+                    "Subspace test per model: held-out fooling rate of random vectors in the span of the top-k "
+                    "right singular vectors of the fit images' perturbations (Wilson 95 % intervals) against k, and "
+                    "unconstrained random vectors of the same norm (dotted).")
 
 
 def _uap_images(report: Report, done: dict[str, dict], parts: Path) -> None:
