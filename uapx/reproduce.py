@@ -248,7 +248,7 @@ CRITERIA = {
         "criterion": "for each MNIST model: the eigenvalue ratio lambda5/lambda1 = (sigma5/sigma1)^2 >= "
                      f"{MNIST_SLOW_DECAY} (talk 1.8/2.7 = 0.67) AND the spectrum is not that of random rows of the "
                      "same norms: the energy share sigma1^2/||D||_F^2 and sigma1/sigma10 each exceed the control's "
-                     "(95 % bootstrap intervals of the differences above 0)",
+                     "(95 % intervals of the differences above 0)",
         "tests": "whether a few universal directions stand out of the perturbations, none of them alone",
         "could_fail_because": "random rows of equal norm pass the slow-decay test (sigma5/sigma1 >= 0.94) but not the "
                               "control comparison; a single dominant direction fails the slow decay",
@@ -256,7 +256,7 @@ CRITERIA = {
     "3_cifar_spectrum": {
         "claim": "CIFAR-10: one large singular value (talk: 54.4), then an order-of-magnitude drop.",
         "criterion": "for each CIFAR-10 model: an order-of-magnitude drop in eigenvalues, lambda1/lambda2 >= 10, "
-                     f"i.e. sigma1/sigma2 >= sqrt(10) = {CIFAR_DROP:.3g}, with the 95 % bootstrap interval's lower "
+                     f"i.e. sigma1/sigma2 >= sqrt(10) = {CIFAR_DROP:.3g}, with the 95 % interval's lower "
                      "end above it, AND the energy share sigma1^2/||D||_F^2 above the random-rows control's",
         "tests": "whether one direction dominates the perturbations",
         "could_fail_because": "no dominant direction (the control's sigma1/sigma2 is about 1)",
