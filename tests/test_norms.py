@@ -255,6 +255,10 @@ def test_targeted_linf_run_reports_targeted_success(tmp_path):
                  "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["config"]["norm"] == "linf" and rep["config"]["target_class"] == 3
+    pn = rep["attack"]["perturbation_norm_linf"]  # the per-image attack's budget, in its own norm
+    assert 0 < pn["min"] <= pn["mean"] + 1e-6 and pn["mean"] <= pn["max"] + 1e-6
+    assert pn["max"] <= rep["config"]["eps"] + 1e-6
+    assert pn["max"] <= rep["attack"]["perturbation_norm"]["max"] + 1e-6  # ||r||_inf <= ||r||_2
     assert rep["uaps"]["held_out"]["random_baseline"]["targeted_success"]["wilson95"]
     for name in ("average", "svd:v1"):
         ev = rep["uaps"]["held_out"]["evaluations"][name]

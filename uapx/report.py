@@ -304,10 +304,11 @@ def _attack_keys(att: dict) -> list[tuple[str, str]]:
         keys.append(("accuracy under the per-image attack", _pct(att["adversarial_accuracy"])))
     if "attack_success_rate" in att:
         keys.append(("predictions changed by it", _pct(att["attack_success_rate"])))
-    norm = att.get("perturbation_norm") or {}
-    if "mean" in norm:
-        keys.append(("perturbation norm", f"mean {norm['mean']:.3g} (min {norm.get('min', float('nan')):.3g}, "
-                                          f"max {norm.get('max', float('nan')):.3g})"))
+    for key, label in (("perturbation_norm", "perturbation L2 norm"), ("perturbation_norm_linf", "perturbation Linf norm")):
+        norm = att.get(key) or {}
+        if "mean" in norm:
+            keys.append((label, f"mean {norm['mean']:.3g} (min {norm.get('min', float('nan')):.3g}, "
+                                f"max {norm.get('max', float('nan')):.3g})"))
     return keys
 
 
