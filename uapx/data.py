@@ -8,7 +8,7 @@ Data roots, in order: the ``root`` argument (``--data-root``), ``$UAPX_DATA_ROOT
 
 - MNIST: ``MNIST/raw/*-ubyte`` (torchvision's layout; ``.gz`` files are read too).
 - CIFAR-10: ``cifar-10-batches-py/`` (the official Python pickles) or an ImageFolder tree
-  ``cifar10-jpeg/{train,test}/<class>/*.jpg`` (what ``shared/data/prepare.py`` writes).
+  ``cifar10-jpeg/{train,test}/<class>/*.jpg``.
 - ``imagefolder``: any ImageFolder tree ``DIR/{train,val,test}/<class>/*`` or ``DIR/<class>/*``
   (``--data-root DIR``; ImageNet's ``val/<wnid>/*.JPEG`` as is), read on demand at its own size or
   resized and centre-cropped to ``image_size`` (:func:`uapx.image_sources.image_folder`).  Any
@@ -38,8 +38,9 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 EMBEDDED_MNIST = Path(__file__).with_name("_data") / "mnist"
 _MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-HOW_TO_GET = ("put the official files there (torchvision's MNIST/raw or cifar-10-batches-py layout) "
-              "or run 'python shared/data/prepare.py ROOT', and pass --data-root ROOT or set UAPX_DATA_ROOT")
+HOW_TO_GET = ("put the official files there (torchvision's MNIST/raw or cifar-10-batches-py layout), e.g. "
+              "with torchvision.datasets.MNIST(ROOT, download=True) or torchvision.datasets.CIFAR10(ROOT, "
+              "download=True) on a machine with network access, and pass --data-root ROOT or set UAPX_DATA_ROOT")
 
 
 @dataclass

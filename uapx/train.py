@@ -247,7 +247,7 @@ def _train(config: TrainConfig) -> dict:
                       device=c.device, desc="robust accuracy")
     card = {
         "name": out.stem, "dataset": c.dataset,
-        "data": ("CIFAR-10 JPEG copy (quality 75) of shared/data" if "jpeg" in train_set.source
+        "data": ("CIFAR-10 JPEG copy (quality 75)" if "jpeg" in train_set.source
                  else f"{c.dataset} from {train_set.source}"),
         "arch": c.arch, "training": "natural" if not c.adversarial else f"PGD-{c.adversarial.upper()} adversarial",
         "command": c.command, "config": asdict(c), "epochs": c.epochs,
