@@ -430,6 +430,25 @@ def test_a_claim_is_exclusive_across_processes_and_removes_leftovers_of_dead_run
     atomic.claim(out).release()  # the holder died: its lock is free
 
 
+def test_the_writability_probe_of_a_rank_survives_the_main_ranks_sweep(tmp_path, monkeypatch):
+    """Under torchrun every rank checks --out, but only the main rank claims it; its claim sweeps
+    the ``.<out>.probe-*`` files, so another rank's probe may vanish between write and unlink."""
+    from uapx import atomic
+    from uapx.report import check_output_folder
+
+    out = tmp_path / "rep"
+    real = pathlib.Path.write_bytes
+
+    def swept(self, data):  # the main rank's claim runs right after this rank wrote its probe
+        n = real(self, data)
+        atomic.claim(out).release()
+        return n
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", swept)
+    assert check_output_folder(out, overwrite=False) == out
+    assert not any(p.name.startswith(".rep.probe-") for p in tmp_path.iterdir())
+
+
 def test_write_errors_name_the_path_and_remove_the_partial_output(tmp_path, monkeypatch):
     from uapx import atomic
     from uapx.errors import UapxError

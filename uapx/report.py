@@ -105,7 +105,7 @@ def _check_output_folder(out: Path, *, overwrite: bool) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
         probe = parent / f".{out.name}.probe-{os.getpid()}"
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # under torchrun the main rank's claim may have swept it already
     except OSError as exc:
         raise UapxError(f"cannot write to {str(parent)!r} ({exc.strerror or exc})",
                         "pass an --out in a folder you can write to") from None
