@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from . import atomic, defaults, models, stats
 from .errors import UapxError
@@ -433,6 +434,7 @@ def _comparison_plots(report: Report, runs: dict[str, dict | None], parts: Path)
                 ax.semilogy(range(1, len(sv) + 1), sv, style, label=model)
         ax.set_title(f"{ds}, eps {eps:g}", fontsize=9)
         ax.set_xlabel("index")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # indices are whole numbers
         ax.set_ylabel("singular value")
         ax.legend(fontsize=7)
     report.add_plot("spectra", "natural-vs-adversarial", fig,
@@ -450,6 +452,7 @@ def _comparison_plots(report: Report, runs: dict[str, dict | None], parts: Path)
                 ax.fill_between(t, m - sd, m + sd, alpha=0.15)
         ax.set_title(f"reference: {ref}", fontsize=9)
         ax.set_xlabel("PGD step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_ylim(-1.05, 1.05)
     axes[0].set_ylabel("cosine similarity")
     axes[0].legend(fontsize=7)
@@ -481,16 +484,16 @@ def _fooling_plot(report: Report, done: dict[str, dict]) -> None:
         return
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.4))
     for i, (m, h) in enumerate(rows):
-        lo, hi = h["wilson95"]
-        ax.errorbar(i - 0.15, h["fooling_rate"], yerr=[[h["fooling_rate"] - lo], [hi - h["fooling_rate"]]], fmt="o",
+        fr, (lo, hi) = 100 * h["fooling_rate"], (100 * v for v in h["wilson95"])  # plotted in percent
+        ax.errorbar(i - 0.15, fr, yerr=[[fr - lo], [hi - fr]], fmt="o",
                     color="k", capsize=4, label="held-out (the figure)" if i == 0 else None)
-        ax.plot(i, h["in_sample_fooling_rate"], "^", color="tab:blue", label="in-sample" if i == 0 else None)
-        r_lo, r_hi = h["random_wilson95"] or (h["random_fooling_rate"],) * 2
-        ax.errorbar(i + 0.15, h["random_fooling_rate"], yerr=[[h["random_fooling_rate"] - r_lo],
-                                                              [r_hi - h["random_fooling_rate"]]],
+        ax.plot(i, 100 * h["in_sample_fooling_rate"], "^", color="tab:blue", label="in-sample" if i == 0 else None)
+        rnd = 100 * h["random_fooling_rate"]
+        r_lo, r_hi = (100 * v for v in h["random_wilson95"]) if h["random_wilson95"] else (rnd, rnd)
+        ax.errorbar(i + 0.15, rnd, yerr=[[rnd - r_lo], [r_hi - rnd]],
                     fmt="x", color="grey", capsize=4, label="random directions (held-out)" if i == 0 else None)
     ax.set_xticks(range(len(rows)), [m.split(":", 1)[1] for m, _ in rows], fontsize=7, rotation=20)
-    ax.set_ylabel("fooling rate")
+    ax.set_ylabel("fooling rate (%)")
     ax.legend(fontsize=7)
     report.add_plot("runs", "fooling-rates", fig,
                     "Best global UAP per model: held-out fooling rate with its Wilson 95 % interval (the figure), "
@@ -509,15 +512,15 @@ def _subspace_plot(report: Report, done: dict[str, dict]) -> None:
     for ax, ds in zip(axes[0], sets):
         for i, (m, sub) in enumerate((m, s) for m, s in subs.items() if _dataset_of(m) == ds):
             ks, color = sub["k"], f"C{i}"
-            fr = [sub["subspace"][str(k)]["fooling_rate"] for k in ks]
-            ci = [sub["subspace"][str(k)]["wilson_95"] for k in ks]
+            fr = [100 * sub["subspace"][str(k)]["fooling_rate"] for k in ks]  # plotted in percent
+            ci = [tuple(100 * v for v in sub["subspace"][str(k)]["wilson_95"]) for k in ks]
             ax.errorbar(ks, fr, yerr=[[max(0.0, f - lo) for f, (lo, _) in zip(fr, ci)],
                                       [max(0.0, hi - f) for f, (_, hi) in zip(fr, ci)]],
                         fmt="o-", color=color, capsize=3, label=f"{m}: top-k span")
-            ax.axhline(sub["random"]["fooling_rate"], color=color, ls=":", label=f"{m}: unconstrained random")
+            ax.axhline(100 * sub["random"]["fooling_rate"], color=color, ls=":", label=f"{m}: unconstrained random")
         ax.set_xscale("log")
         ax.set_xlabel("k")
-        ax.set_ylabel("held-out fooling rate")
+        ax.set_ylabel("held-out fooling rate (%)")
         ax.set_title(str(ds), fontsize=9)
         ax.legend(fontsize=6)
     report.add_plot("landscape", "subspace-test", fig,

@@ -97,15 +97,17 @@ def sweep_plot(series: dict[str, list[dict]], title: str = ""):
         pts = [(r["eps"], r["held_out"]) for r in runs if r.get("held_out")]
         if pts:
             eps = [e for e, _ in pts]
-            y, err = _bars([(h["fooling_rate"], *h["wilson95"]) for _, h in pts])
+            # rates in percent
+            y, err = _bars([tuple(100 * v for v in (h["fooling_rate"], *h["wilson95"])) for _, h in pts])
             axes[2].errorbar(eps, y, yerr=err, fmt="o-", color=color, capsize=3, label=f"{label}: best UAP")
-            rnd = [(h["random_fooling_rate"], *(h["random_wilson95"] or (h["random_fooling_rate"],) * 2))
+            rnd = [tuple(100 * v for v in (h["random_fooling_rate"], *(h["random_wilson95"] or
+                                                                       (h["random_fooling_rate"],) * 2)))
                    for _, h in pts]
             y, err = _bars(rnd)
             axes[2].errorbar(eps, y, yerr=err, fmt="x:", color=color, capsize=3, alpha=0.6,
                              label=f"{label}: random directions")
     ticks = sorted({r["eps"] for runs in series.values() for r in runs})
-    for ax, name in zip(axes, ("sigma1 / sigma2", "energy share sigma1^2 / ||D||_F^2", "held-out fooling rate")):
+    for ax, name in zip(axes, ("sigma1 / sigma2", "energy share sigma1^2 / ||D||_F^2", "held-out fooling rate (%)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
         ax.minorticks_off()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from matplotlib.ticker import MaxNLocator
 
 import uapx
 from uapx.diagnostics import Diagnostic, DiagnosticResult
@@ -169,6 +170,7 @@ class SpectrumDiagnostic(Diagnostic):
             ax.semilogy(range(1, len(f["singular_values"]) + 1), f["singular_values"], alpha=0.4, lw=1,
                         label=class_name(analysis, int(c)))
         ax.set_xlabel("index")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # indices are whole numbers
         ax.set_ylabel("singular value")
         ax.legend(fontsize=6, ncol=2)
         ax.set_title(f"{analysis.model_id}, eps {analysis.eps:g}", fontsize=9)

@@ -131,16 +131,16 @@ class SubspaceDiagnostic(Diagnostic):
                    "k": ks, "subspace": by_k, "random": control}
 
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        fr = [by_k[str(k)]["fooling_rate"] for k in ks]
+        fr = [100 * by_k[str(k)]["fooling_rate"] for k in ks]  # plotted in percent
         # error-bar lengths; max(0, .): at a rate of 0 or 1 the interval's end equals it up to rounding
-        lo = [max(0.0, fr[i] - by_k[str(k)]["wilson_95"][0]) for i, k in enumerate(ks)]
-        hi = [max(0.0, by_k[str(k)]["wilson_95"][1] - fr[i]) for i, k in enumerate(ks)]
+        lo = [max(0.0, fr[i] - 100 * by_k[str(k)]["wilson_95"][0]) for i, k in enumerate(ks)]
+        hi = [max(0.0, 100 * by_k[str(k)]["wilson_95"][1] - fr[i]) for i, k in enumerate(ks)]
         ax.errorbar(ks, fr, yerr=[lo, hi], fmt="o-", capsize=3, label="random in span of top-k singular vectors")
-        ax.axhline(control["fooling_rate"], color="gray", ls="--", label="unconstrained random (same norm)")
-        ax.axhspan(*control["wilson_95"], color="gray", alpha=0.2)
+        ax.axhline(100 * control["fooling_rate"], color="gray", ls="--", label="unconstrained random (same norm)")
+        ax.axhspan(*(100 * v for v in control["wilson_95"]), color="gray", alpha=0.2)
         ax.set_xscale("log")
         ax.set_xlabel("k")
-        ax.set_ylabel("held-out fooling rate")
+        ax.set_ylabel("held-out fooling rate (%)")
         ax.legend(fontsize=7)
         fig.tight_layout()
         plots = [("subspace", fig, f"Held-out fooling rate ({n} images) of random vectors of norm {eps:g} in the span "
