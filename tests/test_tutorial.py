@@ -46,5 +46,5 @@ def test_tutorial_executes(tmp_path, monkeypatch):
                      for out in cell.outputs if out.get("output_type") == "stream")
     assert "PerturbationSet(n=60, shape=(1, 28, 28), norm='l2', eps=2" in text
     assert "UAPEvaluation('svd:v1'" in text and "random directions: fooling rate" in text
-    assert "top singular values:" in text and "best global UAP:" in text
+    assert "top singular values:" in text and "best global UAP:" in text and "of the held-out images" in text
     assert "AnalyzeResult(out=" in text
