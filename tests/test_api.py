@@ -46,3 +46,18 @@ def test_short_reprs_of_sets_uaps_and_evaluations():
     ev = uapx.evaluate_uap(model, x, labels, uaps[0], clean_pred=model(x).argmax(1), num_classes=2)
     fr = ev.best.fooling_rate
     assert repr(ev).startswith(f"UAPEvaluation('average', eps=2, fooling_rate={fr:.1%}")
+
+
+def test_short_reprs_of_image_sets_directions_and_diagnostic_results():
+    images = uapx.load_data("mnist", "test").subset(12, seed=0)
+    assert repr(images) == ("ImageSet('mnist', split='test', n=12, shape=(1, 28, 28), 10 classes, "
+                            f"source={images.source!r})")
+    direction = uapx.Direction(torch.full((784,), 0.5), "v1", True, {"found_norm": 1.0})
+    assert repr(direction) == "Direction(tag='v1', d=784, norm=14, signless=True, meta_keys=['found_norm'])"
+    from matplotlib.figure import Figure
+
+    res = uapx.DiagnosticResult({"global": {"singular_values": list(range(1000))}, "images": 12},
+                                [("spectrum", Figure(), "caption")], "x" * 200)
+    r = repr(res)
+    assert r.startswith("DiagnosticResult(figures=['global', 'images'], plots=['spectrum'], summary='xxx")
+    assert len(r) < 200 and "999" not in r  # the keys, not every number

@@ -67,6 +67,10 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    def __repr__(self) -> str:
+        return (f"ImageSet({self.name!r}, split={self.split!r}, n={len(self)}, shape={self.shape}, "
+                f"{len(self.classes)} classes, source={self.source!r})")
+
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])

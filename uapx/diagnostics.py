@@ -33,6 +33,12 @@ class DiagnosticResult:
     plots: list[tuple[str, "Figure", str]] = field(default_factory=list)
     summary: str = ""
 
+    def __repr__(self) -> str:
+        """The figures' top-level keys, the plots' names and the summary, not every number."""
+        summary = self.summary if len(self.summary) <= 80 else self.summary[:77] + "..."
+        return (f"DiagnosticResult(figures={list(self.figures)}, plots={[p[0] for p in self.plots]}, "
+                f"summary={summary!r})")
+
 
 class Diagnostic(Configurable):
     """Base of diagnostic plugins.

@@ -39,6 +39,10 @@ class Direction:
     signless: bool = False  # singular vectors have no sign: evaluate +v and -v
     meta: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return (f"Direction(tag={self.tag!r}, d={self.vector.numel()}, norm={float(self.vector.norm()):.4g}, "
+                f"signless={self.signless}{', meta_keys=' + str(list(self.meta)) if self.meta else ''})")
+
 
 @dataclass
 class UAP:
