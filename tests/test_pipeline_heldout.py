@@ -121,3 +121,37 @@ def test_the_attack_component_is_looked_up_once(monkeypatch, tmp_path):
 def test_analyze_refuses_bad_held_out_settings_before_any_work(tmp_path):
     with pytest.raises(UapxError, match="held-out"):
         analyze(AnalyzeConfig(n_samples=1, out=str(tmp_path / "r"), **SMALL))
+
+
+def test_a_linf_runs_landscape_and_subspace_draw_their_directions_in_linf(tmp_path):
+    """In a Linf run the loss profile's t is a Linf size: at t = eps the profile along the average
+    UAP (eps * sign) passes through that UAP's own loss, recounted here in plain PyTorch; random
+    directions are vertices of the cube; the subspace vectors have ||v||_inf = eps."""
+    import torch.nn.functional as F
+
+    from uapx.registry import get_registry
+
+    res = analyze(AnalyzeConfig(attack="pgd-linf", plugins=["average", "landscape", "subspace"], n_samples=40,
+                                out=str(tmp_path / "r"),
+                                plugin_settings={"landscape": {"points": 5, "grid": 3, "images": 20, "random_dirs": 1},
+                                                 "subspace": {"draws": 2, "max_k": 2}}, **SMALL))
+    a = res.analysis
+    land = res.report["diagnostics"]["landscape"]
+    assert land["norm"] == "linf" and land["t"] == pytest.approx([-0.6, -0.3, 0.0, 0.3, 0.6], abs=1e-6)
+    u = next(u for u in a.uaps if u.name == "average")
+    sign = a.evaluations[u.name].sign
+    v = u.vector * sign
+    assert float(v.abs().max()) == pytest.approx(0.3, rel=1e-6)
+    x, y = a.x[:20], a.y[:20]
+    with torch.no_grad():
+        own = float(F.cross_entropy(a.model((x + v).clamp(0, 1)), y))
+    assert land["profiles"]["average"][3] == pytest.approx(own, rel=1e-4)
+    mod = __import__(get_registry().get("landscape", "diagnostic").cls.__module__, fromlist=["x"])
+    r = mod.random_direction(torch.Size([1, 28, 28]), "linf", torch.Generator().manual_seed(0))
+    assert torch.equal(r.abs(), torch.ones_like(r))  # a vertex of the unit cube
+    assert res.report["diagnostics"]["subspace"]["norm"] == "linf"
+    sub = __import__(get_registry().get("subspace", "diagnostic").cls.__module__, fromlist=["x"])
+    basis = torch.linalg.qr(torch.randn(50, 3, generator=torch.Generator().manual_seed(1)))[0].T
+    w = sub.subspace_vectors(basis, 4, 0.3, torch.Generator().manual_seed(2), norm="linf")
+    torch.testing.assert_close(w.abs().amax(dim=1), torch.full((4,), 0.3))
+    assert float((w - (w @ basis.T) @ basis).norm()) < 1e-5  # still in the span

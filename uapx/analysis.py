@@ -134,6 +134,12 @@ class Analysis(MethodData):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def norm(self) -> str:
+        """The run's threat model, ``"l2"`` or ``"linf"``: the norm of ``eps`` (the attack's, else
+        the perturbation set's) -- the norm every random control of the run is drawn in."""
+        return getattr(self.attack, "norm", None) or self.pset.norm
+
     def __repr__(self) -> str:
         return (f"Analysis(model={self.model_id or type(self.model).__name__!r}, n_images={self.n_images}, "
                 f"eps={self.eps:g}, {len(self.uaps)} UAPs"

@@ -70,7 +70,7 @@ class CureDiagnostic(Diagnostic):
 
     def run(self, analysis):
         pos, x, y = M.selected_images(analysis, self.images)
-        norm = getattr(analysis.attack, "norm", "l2")
+        norm = analysis.norm
         direction = self.direction or ("sign" if norm == "linf" else "gradient")
         h = float(self.h if self.h is not None else analysis.eps)
         g = torch.Generator().manual_seed(analysis.seed + 302)

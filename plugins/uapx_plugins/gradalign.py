@@ -51,7 +51,7 @@ class GradAlignDiagnostic(Diagnostic):
 
     def run(self, analysis):
         pos, x, y = M.selected_images(analysis, self.images)
-        norm, eps = getattr(analysis.attack, "norm", "l2"), analysis.eps
+        norm, eps = analysis.norm, analysis.eps
         g = torch.Generator().manual_seed(analysis.seed + 202)
         ga, ctl = M.per_image(lambda xb, yb: gradient_alignment(analysis.model, xb, yb, eps=eps, norm=norm,
                                                                 generator=g), x, y, batch_size=self.batch_size, device=analysis.device)

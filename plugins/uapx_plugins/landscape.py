@@ -1,7 +1,9 @@
 """Built-in diagnostic ``landscape``: the loss around the data along UAPs and random directions.
 
 For a unit direction u (a global UAP, or a random direction) and t in [-2 eps, 2 eps], the mean
-cross-entropy over images of ``clamp(x + t u, 0, 1)``; a 2-D surface over (UAP, random); and the
+cross-entropy over images of ``clamp(x + t u, 0, 1)``; unit and t in the run's norm (L2: u on the
+unit sphere, random directions isotropic; Linf: u scaled to ``||u||_inf = 1``, random directions
+random vertices of the unit cube, the shape of a sign-projected UAP); a 2-D surface over (UAP, random); and the
 curvature at t = 0 from second differences, (L(h) - 2 L(0) + L(-h)) / h^2.
 
 Under torchrun each rank evaluates its part of the global first ``images`` images
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 import uapx
 from uapx import distributed
 from uapx.diagnostics import Diagnostic, DiagnosticResult
+from uapx.norms import onto_sphere
 from uapx.plots import figure_vs_control, normal95, plt
 from uapx.stats import IMAGES_PER_CLASS, class_counts, mean_se
 
@@ -41,6 +44,17 @@ def mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch
               batch_size: int = 500, device: str = "cpu") -> float:
     """Mean cross-entropy of ``clamp(x + v, 0, 1)`` over this process's ``x``."""
     return loss_sum(model, x, y, v, batch_size=batch_size, device=device) / x.shape[0]
+
+
+def unit(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """``v`` (any shape, one direction) scaled to size 1 in ``norm``."""
+    return onto_sphere(v.reshape(1, -1), 1.0, norm).reshape(v.shape)
+
+
+def random_direction(shape: torch.Size, norm: str, generator: torch.Generator) -> torch.Tensor:
+    """A random unit direction of ``norm``: isotropic (L2) or a random vertex of the cube (Linf)."""
+    r = torch.randn(shape, generator=generator)
+    return unit(r if norm == "l2" else r.sign(), norm)
 
 
 def curvature(losses: list[float], h: float) -> float:
@@ -78,7 +92,7 @@ class LandscapeDiagnostic(Diagnostic):
         def losses(vs: list[torch.Tensor]) -> list[float]:
             return means(image_profile(vs))
 
-        eps = analysis.eps
+        eps, norm = analysis.eps, analysis.norm
         ts = torch.linspace(-2 * eps, 2 * eps, self.points)
         h = float(ts[1] - ts[0])
         g = torch.Generator().manual_seed(analysis.seed + 7)
@@ -86,10 +100,9 @@ class LandscapeDiagnostic(Diagnostic):
         for u in analysis.uaps:
             if u.source_class is None and u.tag in ("", "v1"):
                 sign = analysis.evaluations[u.name].sign if u.name in analysis.evaluations else 1
-                dirs[u.name] = u.vector * sign / u.vector.norm()
+                dirs[u.name] = unit(u.vector * sign, norm)
         for i in range(self.random_dirs):
-            r = torch.randn(analysis.x.shape[1:], generator=g)
-            dirs[f"random-{i + 1}"] = r / r.norm()
+            dirs[f"random-{i + 1}"] = random_direction(analysis.x.shape[1:], norm, g)
         per_image = {name: image_profile([float(t) * d for t in ts]) for name, d in dirs.items()}
         profiles = {name: means(per) for name, per in per_image.items()}
         curv = {name: curvature(p, h) for name, p in profiles.items()}
@@ -99,7 +112,7 @@ class LandscapeDiagnostic(Diagnostic):
                   for name, per in per_image.items()}
         rand_curv = [curv[k] for k in curv if k.startswith("random-")]
         rand_i = [curv_i[k] for k in curv_i if k.startswith("random-")]
-        figures = {"t": ts.tolist(), "images": n, IMAGES_PER_CLASS: class_counts(y, over_ranks=True),
+        figures = {"t": ts.tolist(), "norm": norm, "images": n, IMAGES_PER_CLASS: class_counts(y, over_ranks=True),
                    "profiles": profiles, "curvature_at_data": curv,
                    "curvature_stats": {k: mean_se(v, seed=analysis.seed) for k, v in curv_i.items()},
                    "random_curvature_mean": sum(rand_curv) / len(rand_curv) if rand_curv else None,
@@ -109,7 +122,7 @@ class LandscapeDiagnostic(Diagnostic):
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
         for name, p in profiles.items():
             ax.plot(ts.numpy(), p, ls="--" if name.startswith("random") else "-", label=name)
-        ax.set_xlabel("t (L2 distance along the direction)")
+        ax.set_xlabel(f"t ({'L2' if norm == 'l2' else 'Linf'} distance along the direction)")
         ax.set_ylabel("mean cross-entropy")
         ax.legend(fontsize=7)
         plots = [("profiles", fig, f"Mean loss of {n} images along each global UAP (solid) and random "
@@ -127,8 +140,9 @@ class LandscapeDiagnostic(Diagnostic):
                 "norm (per image averaged over the random directions)."))
         if uap_names and self.random_dirs:
             a, b = dirs[uap_names[0]], dirs["random-1"]
-            b = b - (b.reshape(-1) @ a.reshape(-1)) * a  # orthogonalise the random axis
-            b = b / b.norm()
+            a2 = a / a.norm()
+            b = b - (b.reshape(-1) @ a2.reshape(-1)) * a2  # orthogonalise the random axis (in L2)
+            b = unit(b, norm)
             gt = torch.linspace(-2 * eps, 2 * eps, self.grid)
             surface = [losses([float(s) * a + float(t) * b for t in gt]) for s in gt]
             figures["surface"] = {"uap": uap_names[0], "axis": gt.tolist(), "loss": surface}

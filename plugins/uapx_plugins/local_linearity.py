@@ -75,7 +75,7 @@ class LocalLinearityDiagnostic(Diagnostic):
 
     def run(self, analysis):
         pos, x, y = M.selected_images(analysis, self.images)
-        norm, eps = getattr(analysis.attack, "norm", "l2"), analysis.eps
+        norm, eps = analysis.norm, analysis.eps
         g = torch.Generator().manual_seed(analysis.seed + 102)
         gam, rnd = M.per_image(lambda xb, yb: local_linearity(analysis.model, xb, yb, eps=eps, norm=norm,
                                                               steps=self.steps, generator=g),

@@ -19,7 +19,8 @@ draws and images, with a Wilson 95 % interval (trials treated as independent) an
 over draws.  Control: ``draws`` isotropic random vectors of the same norm on the same
 held-out images.  The norm is the run's eps unless ``radius`` is set: the paper compares at the
 norm of a universal perturbation that fools most images, which can be several times the
-per-image budget.
+per-image budget.  The paper's test is L2; in a Linf run every vector (in the span and the
+control alike) is scaled along itself to ``||v||_inf = eps`` instead, the run's threat model.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from uapx import distributed
 from uapx.diagnostics import Diagnostic, DiagnosticResult
 from uapx.evaluate import predict
 from uapx.linalg import exact_svd_fits, randomized_svd, top_svd_gram
+from uapx.norms import onto_sphere
 from uapx.plots import plt
 from uapx.stats import IMAGES_PER_CLASS
 
@@ -52,12 +54,12 @@ def top_right_singular_vectors(d, k: int) -> torch.Tensor:
     return randomized_svd(chunks, n, dim, k, oversample=10, power_iters=4).V.float()
 
 
-def subspace_vectors(basis: torch.Tensor, draws: int, eps: float, generator: torch.Generator) -> torch.Tensor:
-    """``draws`` random vectors of L2 norm ``eps`` in the span of the orthonormal rows ``basis``
-    ``(k, dim)`` (isotropic within the span), ``(draws, dim)``."""
+def subspace_vectors(basis: torch.Tensor, draws: int, eps: float, generator: torch.Generator, *,
+                     norm: str = "l2") -> torch.Tensor:
+    """``draws`` random vectors of size ``eps`` in ``norm`` in the span of the orthonormal rows
+    ``basis`` ``(k, dim)`` (isotropic within the span, then scaled), ``(draws, dim)``."""
     c = torch.randn(draws, basis.shape[0], generator=generator)
-    v = c @ basis
-    return v * (eps / v.norm(dim=1, keepdim=True).clamp_min(1e-30))
+    return onto_sphere(c @ basis, eps, norm)
 
 
 def fooled_counts(model: nn.Module, x: torch.Tensor, clean_pred: torch.Tensor, vectors: torch.Tensor, *,
@@ -88,7 +90,7 @@ class SubspaceDiagnostic(Diagnostic):
             raise uapx.UapxError(f"subspace.draws and subspace.max_k must be >= 1, got {draws} and {max_k}",
                                  "pass --set subspace.draws=10 --set subspace.max_k=100")
         if radius is not None and not radius > 0:
-            raise uapx.UapxError(f"subspace.radius must be > 0, got {radius}", "pass --set subspace.radius=4 (an L2 norm)")
+            raise uapx.UapxError(f"subspace.radius must be > 0, got {radius}", "pass --set subspace.radius=4 (a size in the run's norm)")
         self.draws, self.max_k, self.radius = draws, max_k, radius
 
     def run(self, analysis):
@@ -113,17 +115,17 @@ class SubspaceDiagnostic(Diagnostic):
                      "images (fit: SVD; held out: fooling)")
         ks = [k for k in K_GRID if k <= min(self.max_k, len(d), d.d)]
         basis = top_right_singular_vectors(d, max(ks))
-        eps, n = float(self.radius if self.radius is not None else c.eps), int(x.shape[0])  # the vectors' norm
+        eps, n = float(self.radius if self.radius is not None else c.eps), int(x.shape[0])  # the vectors' size
+        norm = c.norm  # in the run's norm: Linf runs scale each vector to ||v||_inf = eps
         g = torch.Generator().manual_seed(c.seed + 502)
         kw = dict(batch_size=c.batch_size, device=c.device)
         by_k = {}
         for k in ks:
-            by_k[str(k)] = rate(fooled_counts(analysis.model, x, clean, subspace_vectors(basis[:k], self.draws, eps, g),
-                                              **kw), n)
-        rnd = torch.randn(self.draws, d.d, generator=g)
-        rnd = rnd * (eps / rnd.norm(dim=1, keepdim=True))
+            by_k[str(k)] = rate(fooled_counts(analysis.model, x, clean,
+                                              subspace_vectors(basis[:k], self.draws, eps, g, norm=norm), **kw), n)
+        rnd = onto_sphere(torch.randn(self.draws, d.d, generator=g), eps, norm)
         control = rate(fooled_counts(analysis.model, x, clean, rnd, **kw), n)
-        figures = {"radius": eps, "eps": float(c.eps), "fit_images": len(d), "held_out_images": n,
+        figures = {"radius": eps, "norm": norm, "eps": float(c.eps), "fit_images": len(d), "held_out_images": n,
                    "images": len(d) + n, IMAGES_PER_CLASS: M.class_counts(torch.cat([fit_y, held_y])),
                    "fit_images_per_class": M.class_counts(fit_y),
                    "held_out_images_per_class": M.class_counts(held_y),
