@@ -213,8 +213,17 @@ def test_zoo_lists_every_card_with_its_accuracies(capsys):
     assert code == 0
     for name in zoo.names():
         card = zoo.card(name)
-        row = next(line for line in out.splitlines() if line.startswith(f"zoo:{name} "))
+        lines = out.splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"zoo:{name} "))
+        row, ra = lines[at], card["robust_attack"]
         assert f"{100 * card['clean_accuracy']:.2f}%" in row and f"{100 * card['robust_accuracy']:.2f}%" in row
+        norm = {"l2": "L2", "linf": "Linf"}[ra["norm"]]
+        assert f"{ra['steps']}-step PGD-{norm} eps {ra['eps']}" in row
+        strong = card.get("strong_attack")
+        if isinstance(strong, dict) and "accuracy" in strong:  # the next line: the strong attack, with its threat model
+            nxt = lines[at + 1]
+            assert f"{100 * strong['accuracy']:.2f}%" in nxt and f"{strong['steps']}-step PGD-" in nxt
+            assert f"eps {strong['eps']} x {strong['restarts']} restarts" in nxt
 
 
 def test_plugins_settings_lists_constructor_keys_with_defaults(capsys):

@@ -313,17 +313,19 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
     header = ("model", "data set", "architecture", "training", "clean acc.", "robust acc.", "under", "images")
     rows = []
+    norm_word = {"l2": "L2", "linf": "Linf"}
     for name in zoo.names():
         c = zoo.card(name)
         ra = c.get("robust_attack", {})
-        under = f"{ra.get('steps', '?')}-step PGD-{str(ra.get('norm', '?')).upper()} eps {ra.get('eps', '?')}"
+        under = f"{ra.get('steps', '?')}-step PGD-{norm_word.get(ra.get('norm'), '?')} eps {ra.get('eps', '?')}"
         pct = (lambda v: f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "?")
         rows.append((f"zoo:{name}", c.get("dataset", "?"), c.get("arch", "?"), c.get("training", "?"),
                      pct(c.get("clean_accuracy")), pct(c.get("robust_accuracy")), under,
                      str(ra.get("images", c.get("clean_eval_images", "?")))))
         strong = c.get("strong_attack")
         if isinstance(strong, dict) and "accuracy" in strong:
-            rows.append(("", "", "", "", "", pct(strong["accuracy"]), f"{strong.get('steps', '?')}-step PGD x "
+            rows.append(("", "", "", "", "", pct(strong["accuracy"]), f"{strong.get('steps', '?')}-step PGD-"
+                         f"{norm_word.get(strong.get('norm'), '?')} eps {strong.get('eps', '?')} x "
                          f"{strong.get('restarts', '?')} restarts", str(strong.get("images", "?"))))
     if not rows:
         print("no zoo models installed")
