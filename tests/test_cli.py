@@ -195,6 +195,24 @@ def test_apply_defaults_come_from_apply_uaps():
         assert defaults[dest] == sig[dest].default, dest
 
 
+def test_the_default_model_is_the_zoo_natural_model_of_the_data_set(capsys, small_report, monkeypatch):
+    import functools
+
+    from uapx import pipeline
+    from uapx.models import zoo
+    from uapx.pipeline import AnalyzeConfig
+
+    for ds in ("mnist", "cifar10"):  # one statement (uapx.defaults.default_model), a model the zoo ships
+        assert AnalyzeConfig(dataset=ds).resolved().model == f"zoo:{ds}-natural"
+        assert f"{ds}-natural" in zoo.names()
+    seen = {}
+    real = pipeline.apply_uaps
+    spy = functools.wraps(real)(lambda path, **kw: seen.update(kw) or real(path, **kw))  # keeps the signature
+    monkeypatch.setattr(pipeline, "apply_uaps", spy)
+    code, _, _ = run(capsys, "apply", str(small_report / "uaps.pt"), "--n-samples", "20", "--random-draws", "1")
+    assert code == 0 and seen["model"] == "zoo:mnist-natural"
+
+
 def test_help_lists_architectures_attacks_and_zoo_models(capsys):
     from uapx.models import ARCHITECTURES, zoo
 

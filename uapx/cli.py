@@ -363,11 +363,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from . import defaults
     from .pipeline import apply_uaps
 
     names = set(inspect.signature(apply_uaps).parameters) - {"path"}
     kwargs = {n: getattr(args, n) for n in names if hasattr(args, n)}
-    kwargs["model"] = args.model or f"zoo:{args.dataset}-natural"
+    kwargs["model"] = args.model or defaults.default_model(args.dataset)
     res = apply_uaps(args.uaps, **kwargs)
     print(f"{'uap':<28} {'eps':>6} {'fooling':>8} {'accuracy':>8} sign")
     for name, ev in res["evaluations"].items():

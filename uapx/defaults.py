@@ -1,4 +1,4 @@
-"""Default attack budgets, per norm and data set: the one place they are written.
+"""Default attack budgets, per norm and data set, and the default model: the one place they are written.
 
 L2 budgets are the talk's (MNIST 2.0, CIFAR-10 0.5); Linf budgets are the usual ones of Madry et
 al. (MNIST 0.3, CIFAR-10 8/255).  The step size defaults to ``2.5 * eps / steps`` for either
@@ -15,6 +15,11 @@ EPS: dict[str, dict[str, float]] = {
 OTHER_DATASET_EPS = {"l2": 1.0, "linf": 8 / 255}  # data sets without an entry above (e.g. ImageFolder trees)
 STUDY_EPS_SWEEP: dict[str, tuple[float, ...]] = {"mnist": (1.0, 2.0, 4.0), "cifar10": (0.25, 0.5, 1.0, 2.0)}
 """The L2 budgets ``uapx reproduce`` sweeps per data set (the study's own, ``EPS["l2"]``, among them)."""
+
+
+def default_model(dataset: str) -> str:
+    """The model a command uses when none is named: the zoo's natural model of ``dataset``."""
+    return f"zoo:{dataset}-natural"
 
 
 def default_eps(norm: str, dataset: str) -> float:

@@ -83,7 +83,7 @@ class AnalyzeConfig:
         attack component, looked up once by the caller (:func:`plan`); without it, it is looked up
         here in the default registry."""
         c = AnalyzeConfig(**asdict(self))
-        c.model = c.model or f"zoo:{c.dataset}-natural"
+        c.model = c.model or defaults.default_model(c.dataset)
         norm = attack_norm(attack if attack is not None else get_registry().components.get(c.attack))
         c.norm, c.target_class = norms.check_norm(c.norm or norm), norms.check_target_class(c.target_class)
         c.eps = c.eps if c.eps is not None else defaults.default_eps(c.norm, c.dataset)
