@@ -22,7 +22,8 @@ from uapx.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "docs" / "report-schema.md"
-BUILTIN_DIAGNOSTICS = ["spectrum", "trajectory", "interpretability", "landscape"]
+BUILTIN_DIAGNOSTICS = ["spectrum", "trajectory", "interpretability", "landscape", "local-linearity", "gradalign",
+                       "cure", "hessian", "subspace"]
 
 if not os.environ.get("CI"):  # in CI the test extra installs the docs extra: a missing one must fail, not skip
     pytest.importorskip("mkdocs", reason="the docs extra is not installed (pip install -e '.[docs]')")
@@ -163,9 +164,11 @@ def test_schema_parser_and_matcher():
 def real_report(tmp_path_factory) -> tuple[dict, list[str]]:
     out = tmp_path_factory.mktemp("schema") / "rep"
     plugins = ["average", "svd", *BUILTIN_DIAGNOSTICS]
+    small = ["landscape.images=8", "local-linearity.images=6", "local-linearity.steps=1", "gradalign.images=6",
+             "cure.images=6", "hessian.images=6", "hessian.iters=2", "subspace.draws=1", "subspace.max_k=2"]
     assert main(["analyze", "--n-samples", "40", "--steps", "2", "--random-draws", "1", "--k", "2",
-                 "--trajectory-samples", "4", "--set", "landscape.images=8", "--plugins", ",".join(plugins),
-                 "--out", str(out)]) == 0
+                 "--trajectory-samples", "4", *(a for kv in small for a in ("--set", kv)),
+                 "--plugins", ",".join(plugins), "--out", str(out)]) == 0
     return json.loads((out / "report.json").read_text()), plugins
 
 
