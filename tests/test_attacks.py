@@ -187,6 +187,13 @@ def test_unknown_norm(batch):
         pgd(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), x, y, norm="l1", eps=1.0, steps=1, step_size=0.1)
 
 
+def test_every_norm_has_one_pgd_entry():
+    from uapx import norms
+    from uapx.attacks import NORM_STEPS
+
+    assert tuple(NORM_STEPS) == norms.NORMS  # the norms uapx accepts are the norms PGD can step in
+
+
 def test_nan_gradient_is_a_user_error(batch):
     x, y = batch
 

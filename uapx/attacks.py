@@ -105,11 +105,10 @@ class NormSteps:
     step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor]
 
 
-NORM_STEPS: dict[str, NormSteps] = {
+NORM_STEPS: dict[str, NormSteps] = {  # one entry per norm of uapx.norms.NORMS
     "l2": NormSteps(_l2_noise, _l2_step_),
     "linf": NormSteps(_linf_noise, _linf_step_),
 }
-NORMS = tuple(NORM_STEPS)
 
 
 def _random_start(x0: torch.Tensor, norm: str, eps: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -140,8 +139,7 @@ def pgd_trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: 
     Returns:
         ``x_adv`` ``(N, C, H, W)`` and a :class:`Trajectory` (or None without ``record``).
     """
-    if norm not in NORMS:
-        raise UapxError(f"unknown norm {norm!r}", f"choose from: {', '.join(NORMS)}")
+    norms.check_norm(norm)
     check_budget(eps, steps, step_size)
     steps_of = NORM_STEPS[norm]
     loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, reduction="none"))
