@@ -8,7 +8,7 @@ issue-13 evaluation (100-step PGD, 5 random restarts, the training norm and eps)
 
 Re-measure a shipped card (updates the JSON beside the weights)::
 
-    python -m uapx.strength zoo:cifar10-l2 --data-root /work/data --n 500
+    python -m uapx.strength zoo:cifar10-l2 --data-root DATA --n 500
 """
 from __future__ import annotations
 
