@@ -97,8 +97,7 @@ def test_user_documents_name_nothing_outside_the_repository():
     for path in pages:
         text = path.read_text()
         assert "shared/" not in text, f"{path.name} refers to shared/ (not in the repository)"
-        if path.name != "README.md":  # README's model section still quotes one /work path (being reworded)
-            assert "/work/" not in text, f"{path.name} refers to a /work path of the development machine"
+        assert "/work/" not in text, f"{path.name} refers to a /work path of the development machine"
 
 
 # -- the report schema ------------------------------------------------------------------------
