@@ -98,6 +98,16 @@ def test_built_in_findings_are_found_and_a_missing_model_is_not_measured():
     assert "not measured: " + ma in f["1_interpretability"]["verdict"]
     table = findings_table(f)
     assert table[0][0] == "finding" and ma in table[0] and len(table) == 5
+    assert f["1_interpretability"]["per_model"][ma]["why"] == f"not installed: {ma}"
+
+
+def test_a_data_set_left_out_is_not_run_rather_than_not_installed():
+    mn, ma = STUDY["mnist"][:2]
+    cn = STUDY["cifar10"][0]
+    f, _ = judge({mn: _noise_run(1), ma: _structured_run(2)})  # as `--datasets mnist` leaves it
+    why = f["3_cifar_spectrum"]["per_model"][cn]["why"]
+    assert why.startswith(f"not run: {cn}") and "--datasets" in why
+    assert f["3_cifar_spectrum"]["verdict"] == "not measured" and "not run" in f["3_cifar_spectrum"]["why"]
 
 
 @pytest.mark.slow

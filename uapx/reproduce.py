@@ -281,6 +281,11 @@ def _verdict(oks: list[bool]) -> str:
     return "supported" if oks and all(oks) else "not supported" if not any(oks) else "partly supported"
 
 
+def _absent(model: str, runs: dict[str, dict | None]) -> str:
+    """Why ``model`` has no run: its data set was not among those run, or the zoo lacks it."""
+    return f"not installed: {model}" if model in runs else f"not run: {model} (its data set was not in --datasets)"
+
+
 def _measured_pairs(pairs: dict, runs: dict[str, dict | None], per: dict):
     """``(natural model, robust model, natural run, robust run)`` for every pair whose runs both exist; a pair
     missing one is recorded in ``per`` as "not measured"."""
@@ -288,7 +293,7 @@ def _measured_pairs(pairs: dict, runs: dict[str, dict | None], per: dict):
         for rob in robs:
             n, r = runs.get(nat), runs.get(rob)
             if not (n and r):
-                per[rob] = {"verdict": "not measured", "why": f"not installed: {nat if not n else rob}"}
+                per[rob] = {"verdict": "not measured", "why": _absent(nat if not n else rob, runs)}
                 continue
             yield nat, rob, n, r
 
@@ -329,7 +334,7 @@ def judge(runs: dict[str, dict | None]) -> tuple[dict, list[str]]:
             share, s110, s12, s51 = (_spec(rep, k) if rep else None for k in (
                 "energy_share", "sigma1_over_sigma10", "sigma1_over_sigma2", "sigma5_over_sigma1"))
             if None in (share, s110, s12, s51):
-                per[m] = {"verdict": "not measured", "why": "not installed" if rep is None else "spectrum missing"}
+                per[m] = {"verdict": "not measured", "why": _absent(m, runs) if rep is None else "spectrum missing"}
                 continue
             checks = {"energy_share_above_control": _greater(*share), "sigma1_over_sigma10_above_control": _greater(*s110)}
             structured = all(c["holds"] for c in checks.values())
