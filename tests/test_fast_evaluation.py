@@ -146,3 +146,14 @@ def test_linf_eps_of_one_is_a_one_line_error(capsys):
     assert main(["analyze", "--attack", "pgd-linf", "--eps", "1.5", "--out", "r"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("uapx: error: a Linf eps of 1.5")
+
+
+def test_bf16_check_covers_enough_predictions():
+    """At least BF16_MIN_CHECKED predictions are compared (so that one disagreement in 600 cannot
+    decide), in whole UAPs (+v and -v), never more perturbations than there are."""
+    need = inference.BF16_MIN_CHECKED
+    for n, u in ((200, 137), (5000, 137), (300, 9), (10, 4), (1, 1)):
+        k = inference.bf16_check_count(n, u)
+        assert k <= u and (k % 2 == 0 or k == u)
+        assert (k + 1) * n >= need or k == u, (n, u, k)
+        assert k == 2 or k == u or k * n < need + 2 * n, (n, u, k)  # no more than it takes

@@ -215,7 +215,8 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
     inference mode); the clean predictions are computed once (or passed in).  ``precision``:
     ``"float32"`` (eager float32 numbers), ``"bfloat16"`` or ``"auto"``: bfloat16 autocast where
     the device supports it *and* its predictions agree with float32 on at least 99.9 % of the
-    clean images and of the first UAP's +v and -v images (computed in both), else float32
+    clean images and of the first UAPs' +v and -v images (computed in both; as many UAPs as it takes
+    for :data:`uapx.inference.BF16_MIN_CHECKED` predictions), else float32
     (``"bfloat16"`` warns when it falls back).  ``batch_size`` is only used for the clean
     predictions when they are not given.  ``signs`` (UAP name -> +1/-1) fixes the sign reported
     for those UAPs instead of choosing it on these images (held-out evaluation).
@@ -244,12 +245,13 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
     info: dict = {"precision": "float32", "rows_per_forward": inference.rows_per_forward(shape),
                   "compiled": bool(compile)}
     run = dict(device=device, compile=compile)
-    with tqdm(total=(vs.shape[0] + (3 if precision != "float32" else 0)) * n_all, desc="evaluate", unit="img",
+    checked = inference.bf16_check_count(n_all, vs.shape[0]) if precision != "float32" else 0
+    with tqdm(total=(vs.shape[0] + (checked + 1 if checked else 0)) * n_all, desc="evaluate", unit="img",
               disable=not (progress and distributed.is_main()), leave=False) as bar:
         preds = torch.empty(vs.shape[0], n_all, dtype=torch.long)
         done = 0
         if precision != "float32" and inference.bf16_supported(device):
-            check = vs[:2]  # the first UAP's +v and -v, in both precisions
+            check = vs[:checked]  # the first UAPs' +v and -v, in both precisions
             f32 = inference.predict_many(model, x, check, bf16=False, bar=bar, **run)
             zero = torch.zeros(1, *shape)
             b16 = inference.predict_many(model, x, torch.cat([zero, check]), bf16=True, bar=bar, **run)
