@@ -162,6 +162,7 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
     _opt(a, A, "random_draws", "random directions of the same norm drawn for the baseline", type=argtypes.whole(1))
     _opt(a, A, "trajectory_samples", "images whose PGD trajectories are recorded for trajectory diagnostics",
          type=argtypes.whole(1))
+    from .inference import PRECISIONS
     from .pipeline import HELD_OUT
 
     _opt(a, A, "eval_split", "the split of the held-out images the UAPs are judged on (the report's figure; "
@@ -169,9 +170,10 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
              "n_samples", "--n-samples").replace("%", "%%"), choices=["train", "val", "test"])
     _opt(a, A, "eval_n_samples", "held-out images (see --eval-split)", type=argtypes.whole(1),
          shown="as many as --n-samples from another split; half of the sample from the fit split")
-    _opt(a, A, "eval_precision", "arithmetic of the UAP evaluation: auto = bfloat16 where the CPU/GPU has it and "
-         "its predictions agree with float32 on >= 99.9%% of the checked images, else float32",
-         choices=["auto", "float32", "bfloat16"])
+    _opt(a, A, "eval_precision", "arithmetic of the UAP evaluation: auto = bfloat16 where the CPU/GPU has it, "
+         "near-ties remade in float32 so that the predictions are float32's (else float32); bfloat16 = "
+         "plain bfloat16 where it agrees with float32 on >= 99.9%% of the checked images",
+         choices=list(PRECISIONS))
     _opt(a, A, "compile", "evaluate through torch.compile (cached; eager with one warning where it fails)",
          action="store_true")
     a.add_argument("--set", dest="settings", action="append", default=[], metavar="PLUGIN.KEY=VALUE",

@@ -213,11 +213,14 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
     Every perturbation (+v and -v of each UAP, the random draws) goes through one batched
     :func:`uapx.inference.predict_many` (many perturbations per forward pass, channels-last,
     inference mode); the clean predictions are computed once (or passed in).  ``precision``:
-    ``"float32"`` (eager float32 numbers), ``"bfloat16"`` or ``"auto"``: bfloat16 autocast where
-    the device supports it *and* its predictions agree with float32 on at least 99.9 % of the
-    clean images and of the first UAPs' +v and -v images (computed in both; as many UAPs as it takes
-    for :data:`uapx.inference.BF16_MIN_CHECKED` predictions), else float32
-    (``"bfloat16"`` warns when it falls back).  ``batch_size`` is only used for the clean
+    ``"float32"`` (eager float32 numbers); ``"auto"``: refined bfloat16 where the device has
+    bfloat16 arithmetic (:mod:`uapx.inference`: bfloat16 predictions, those with a top-two margin
+    under :func:`~uapx.inference.refine_margin` of the check's largest logit error remade in
+    float32, so that they are float32's), provided at most ``BF16_MAX_REFINED`` of the checked
+    predictions need remaking, else float32; ``"bfloat16"``: plain bfloat16 autocast where its
+    predictions agree with float32 on at least 99.9 % of the checked ones, else float32 with a
+    warning.  The check computes the clean images and the first UAPs' +v and -v images in both
+    precisions (as many UAPs as it takes for :data:`uapx.inference.BF16_MIN_CHECKED` predictions).  ``batch_size`` is only used for the clean
     predictions when they are not given.  ``signs`` (UAP name -> +1/-1) fixes the sign reported
     for those UAPs instead of choosing it on these images (held-out evaluation).
 
@@ -245,30 +248,39 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
     info: dict = {"precision": "float32", "rows_per_forward": inference.rows_per_forward(shape),
                   "compiled": bool(compile)}
     run = dict(device=device, compile=compile)
-    checked = inference.bf16_check_count(n_all, vs.shape[0]) if precision != "float32" else 0
-    with tqdm(total=(vs.shape[0] + (checked + 1 if checked else 0)) * n_all, desc="evaluate", unit="img",
+    bf16 = precision != "float32" and inference.bf16_supported(device)
+    checked = inference.bf16_check_count(n_all, vs.shape[0]) if bf16 else 0
+    with tqdm(total=(vs.shape[0] + (checked + 2 if bf16 else 0)) * n_all, desc="evaluate", unit="img",
               disable=not (progress and distributed.is_main()), leave=False) as bar:
         preds = torch.empty(vs.shape[0], n_all, dtype=torch.long)
-        done = 0
-        if precision != "float32" and inference.bf16_supported(device):
-            check = vs[:checked]  # the first UAPs' +v and -v, in both precisions
-            f32 = inference.predict_many(model, x, check, bf16=False, bar=bar, **run)
-            zero = torch.zeros(1, *shape)
-            b16 = inference.predict_many(model, x, torch.cat([zero, check]), bf16=True, bar=bar, **run)
-            ok, rate = inference.bf16_agrees(b16, torch.cat([clean_pred.view(1, -1), f32]))
-            info["bf16_agreement"] = rate
-            info["bf16_checked_on"] = int(b16.numel())
-            if ok:
+        done, refine = 0, None
+        if bf16:  # the clean images and the first UAPs' +v and -v, in both precisions
+            check = torch.cat([torch.zeros(1, *shape), vs[:checked]])
+            f32, b16, err, margins = inference.bf16_logit_error(model, x, check, bar=bar, **run)
+            ok, rate = inference.bf16_agrees(b16, torch.cat([clean_pred.view(1, -1), f32[1:]]))
+            info.update(bf16_agreement=rate, bf16_checked_on=int(b16.numel()), bf16_max_logit_error=err)
+            if precision == "auto":
+                margin = inference.refine_margin(err)
+                share = float((margins < margin).double().mean())
+                info.update(refine_margin=margin, refine_share_in_check=share)
+                if share <= inference.BF16_MAX_REFINED:
+                    info["precision"], refine = "bfloat16-refined", margin
+            elif ok:
                 info["precision"] = "bfloat16"
-            preds[:check.shape[0]] = f32
-            done = check.shape[0]
+            preds[:checked] = f32[1:]
+            done = checked
         if precision == "bfloat16" and info["precision"] != "bfloat16":
             import warnings
 
             warnings.warn("uapx: bfloat16 evaluation is unsupported here or disagrees with float32 "
                           f"(agreement {info.get('bf16_agreement', 'n/a')}); evaluating in float32", stacklevel=2)
-        preds[done:] = inference.predict_many(model, x, vs[done:], bf16=info["precision"] == "bfloat16", bar=bar,
-                                              **run)
+        stats: dict = {}
+        preds[done:] = inference.predict_many(model, x, vs[done:], bf16=info["precision"] != "float32",
+                                              refine_below=refine, bar=bar, stats=stats, **run)
+        if refine is not None:
+            refined = distributed.all_reduce_scalar(float(stats.get("refined", 0)))
+            predicted = distributed.all_reduce_scalar(float(stats.get("predicted", 0)))
+            info.update(refined=int(refined), refined_share=refined / max(predicted, 1.0))
     evals = {u.name: uap_evaluation(u, preds[2 * i], preds[2 * i + 1], clean_pred=clean_pred, y=y,
                                     num_classes=num_classes, sign=(signs or {}).get(u.name))
              for i, u in enumerate(uaps)}

@@ -5,8 +5,16 @@
 ``torch.inference_mode``, with the model and the inputs in channels-last memory layout (faster
 convolutions on CPUs), optionally under bfloat16 autocast and optionally through a cached
 ``torch.compile``.  The float32 path gives the predictions of plain eager float32 batches (the
-tests compare them); bfloat16 is used only after :func:`bf16_agrees` found that it agrees with
-float32 on the run's own images (see :mod:`uapx.evaluate`).
+tests compare them).
+
+bfloat16 comes in two forms (see :mod:`uapx.evaluate`).  *Refined* (the default where the device
+has bfloat16 arithmetic): every prediction is made in bfloat16, and those whose top-two logits are
+closer than a margin are made again in float32.  If no logit is off by more than ``E``, an argmax
+whose margin exceeds ``2 E`` is float32's; :func:`bf16_logit_error` measures the largest
+bfloat16 logit error on the run's own checked images and :func:`refine_margin` sets the margin
+for ``BF16_ERROR_SAFETY`` times it, so the predictions are float32's unless an image's error
+exceeds that many times the largest seen.  *Plain* (``precision="bfloat16"``): bfloat16 argmaxes,
+used only after :func:`bf16_agrees` found that they agree with float32 often enough.
 """
 from __future__ import annotations
 
@@ -26,6 +34,11 @@ BF16_MIN_AGREEMENT = 0.999  # bfloat16 evaluation only where its predictions agr
 # on fewer a single disagreement already fails the bar, so a model that disagrees 2 times in 1,000
 # (resnet-small on CIFAR-10: 45 in 25,000) would pass a 600-prediction check one time in three.
 BF16_MIN_CHECKED = 3000
+# Refined bfloat16: a prediction is remade in float32 when its bfloat16 top-two margin is below
+# 2 x (this x the largest bfloat16 logit error of the check); worth it only while at most
+# BF16_MAX_REFINED of the checked predictions need it.
+BF16_ERROR_SAFETY = 2.0
+BF16_MAX_REFINED = 0.5
 # Input elements per forward pass (256 Ki floats = 1 MB): rows = this // pixels, at least MIN_ROWS.
 # Measured on 2 AMD EPYC (Zen 4) cores, one thread, per image, channels-last: the MNIST CNN 92 us
 # (bfloat16) and 200 us (float32) at 128-256 rows against 182 and 319 us at 4,096; resnet-small
@@ -81,53 +94,136 @@ def prepared_model(model: nn.Module, *, compile: bool = False) -> nn.Module:
     return cache[key]
 
 
-def _forward(original: nn.Module, xb: torch.Tensor, *, bf16: bool, compile: bool) -> torch.Tensor:
-    """Predicted classes ``(B,)`` of ``xb``; a compiled model that fails at run time is replaced
-    by the eager one (one warning)."""
+def _logits(original: nn.Module, xb: torch.Tensor, *, bf16: bool, compile: bool) -> torch.Tensor:
+    """Float32 logits ``(B, K)`` of ``xb`` (computed in bfloat16 where ``bf16``); a compiled model
+    that fails at run time is replaced by the eager one (one warning)."""
     if xb.dim() == 4:
         xb = xb.contiguous(memory_format=torch.channels_last)
     net = prepared_model(original, compile=compile)
     with torch.autocast("cuda" if xb.is_cuda else "cpu", dtype=torch.bfloat16, enabled=bf16):
         if net is not _PREPARED[original]["eager"]:
             try:
-                return net(xb).argmax(1)
+                return net(xb).float()
             except Exception as exc:  # noqa: BLE001 - a compiled graph that fails at run time
                 warnings.warn(f"uapx: the compiled model failed ({type(exc).__name__}: {exc}); evaluating eagerly",
                               stacklevel=3)
                 _PREPARED[original]["compiled"] = _PREPARED[original]["eager"]
-        return _PREPARED[original]["eager"](xb).argmax(1)
+        return _PREPARED[original]["eager"](xb).float()
 
 
-@torch.inference_mode()
-def predict_many(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device: str = "cpu",
-                 bf16: bool = False, compile: bool = False, rows: int | None = None,
-                 bar: tqdm | None = None) -> torch.Tensor:
-    """Predictions ``(U, N)`` on ``clamp(x + vs[u], 0, 1)`` for images ``x`` ``(N, C, H, W)`` and
-    perturbations ``vs`` ``(U, C, H, W)``.
-
-    Each forward pass holds about ``rows`` images (default :func:`rows_per_forward`): several
-    perturbations of a chunk of images.  Under torch.distributed ``x`` is this rank's shard and
-    the predictions of every rank are returned, in rank order (``(U, N_all)``).  ``bar`` is
-    advanced by the number of images predicted.
-    """
+def _passes(x: torch.Tensor, vs: torch.Tensor, rows: int | None, device: str):
+    """The forward passes of a batched evaluation: yields ``(inputs, flat)``, the images
+    ``clamp(x + v, 0, 1)`` of one pass ``(B, C, H, W)`` and their positions ``(B,)`` in a
+    ``(U, N)`` prediction table, flattened.  Each pass holds about ``rows`` images: several
+    perturbations of all images when they fit, else one perturbation and a chunk of images;
+    images outer, so each chunk is read once (``x`` may read files on demand)."""
     n, u = x.shape[0], vs.shape[0]
     rows = rows or rows_per_forward(x.shape[1:])
     per = max(1, min(u, rows // max(n, 1)))  # perturbations per pass when a pass holds all images
-    chunk = max(1, n if per > 1 else min(n, rows))  # else: one perturbation, images in chunks
-    out = torch.empty(u, n, dtype=torch.long)
+    chunk = max(1, n if per > 1 else min(n, rows))
     vd = vs.to(device)
-    for s in range(0, n, chunk):  # images outer: each chunk is read once (x may read files on demand)
+    for s in range(0, n, chunk):
         xb = x[s:s + chunk].to(device)
         for g in range(0, u, per):
             vg = vd[g:g + per]
             inp = (xb.unsqueeze(0) + vg.unsqueeze(1)).clamp_(0.0, 1.0).reshape(-1, *x.shape[1:])
-            pred = _forward(model, inp, bf16=bf16, compile=compile)
-            out[g:g + vg.shape[0], s:s + xb.shape[0]] = pred.view(vg.shape[0], xb.shape[0]).cpu()
-            if bar is not None:
-                bar.update(vg.shape[0] * xb.shape[0])
+            flat = (torch.arange(g, g + vg.shape[0])[:, None] * n + torch.arange(s, s + xb.shape[0])[None, :])
+            yield inp, flat.reshape(-1)
+
+
+def _gathered(out: torch.Tensor) -> torch.Tensor:
+    """A ``(U, n_rank)`` table of this rank's images -> ``(U, N_all)`` over every rank, in rank order."""
     if distributed.active():
         out = distributed.all_gather_rows(out.t().contiguous()).t().contiguous()
     return out
+
+
+def _margins(logits: torch.Tensor) -> torch.Tensor:
+    """Gap ``(B,)`` between the largest and the second-largest logit of each row."""
+    top = logits.topk(min(2, logits.shape[1]), 1).values
+    return top[:, 0] - top[:, -1] if top.shape[1] > 1 else torch.full_like(top[:, 0], float("inf"))
+
+
+@torch.inference_mode()
+def predict_many(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device: str = "cpu",
+                 bf16: bool = False, refine_below: float | None = None, compile: bool = False,
+                 rows: int | None = None, bar: tqdm | None = None, stats: dict | None = None) -> torch.Tensor:
+    """Predictions ``(U, N)`` on ``clamp(x + vs[u], 0, 1)`` for images ``x`` ``(N, C, H, W)`` and
+    perturbations ``vs`` ``(U, C, H, W)``.
+
+    Each forward pass holds about ``rows`` images (default :func:`rows_per_forward`): several
+    perturbations of a chunk of images.  With ``bf16`` and ``refine_below`` (refined bfloat16),
+    every prediction whose bfloat16 top-two margin is below ``refine_below`` is made again in
+    float32 (eager; in passes of ``rows`` such images); ``stats["refined"]`` and
+    ``stats["predicted"]`` count them on this rank.  Under torch.distributed ``x`` is this rank's
+    shard and the predictions of every rank are returned, in rank order (``(U, N_all)``).
+    ``bar`` is advanced by the number of images predicted.
+    """
+    rows = rows or rows_per_forward(x.shape[1:])
+    out = torch.empty(vs.shape[0] * x.shape[0], dtype=torch.long)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images, positions) to remake in float32
+    waiting = refined = 0
+
+    def remake() -> None:
+        nonlocal waiting, refined
+        if pending:
+            imgs, at = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+            out[at] = _logits(model, imgs, bf16=False, compile=False).argmax(1).cpu()
+            refined += at.numel()
+            pending.clear()
+            waiting = 0
+
+    for inp, flat in _passes(x, vs, rows, device):
+        logits = _logits(model, inp, bf16=bf16, compile=compile)
+        out[flat] = logits.argmax(1).cpu()
+        if bf16 and refine_below is not None:
+            near = (_margins(logits) < refine_below).cpu()
+            if bool(near.any()):
+                pending.append((inp[near.to(inp.device)], flat[near]))
+                waiting += int(near.sum())
+                if waiting >= rows:
+                    remake()
+        if bar is not None:
+            bar.update(inp.shape[0])
+    remake()
+    if stats is not None:
+        stats["refined"] = stats.get("refined", 0) + refined
+        stats["predicted"] = stats.get("predicted", 0) + out.numel()
+    return _gathered(out.view(vs.shape[0], x.shape[0]))
+
+
+@torch.inference_mode()
+def bf16_logit_error(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device: str = "cpu",
+                     compile: bool = False, rows: int | None = None,
+                     bar: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """The bfloat16 check: every prediction on ``clamp(x + vs[u], 0, 1)`` made in both precisions.
+
+    Returns ``(float32 predictions (U, N), bfloat16 predictions (U, N), E, margins (U, N))``: ``E``
+    the largest absolute difference of a bfloat16 logit from its float32 value, over every image
+    and class (and every torchrun rank), and the bfloat16 top-two margins (for
+    :func:`refine_margin`'s share).  ``bar`` is advanced twice per image.
+    """
+    rows = rows or rows_per_forward(x.shape[1:])
+    size = vs.shape[0] * x.shape[0]
+    f32, b16 = torch.empty(size, dtype=torch.long), torch.empty(size, dtype=torch.long)
+    margin, err = torch.empty(size), 0.0
+    for inp, flat in _passes(x, vs, rows, device):
+        lf = _logits(model, inp, bf16=False, compile=compile)
+        lb = _logits(model, inp, bf16=True, compile=compile)
+        f32[flat], b16[flat], margin[flat] = lf.argmax(1).cpu(), lb.argmax(1).cpu(), _margins(lb).cpu()
+        err = max(err, float((lf - lb).abs().max())) if inp.shape[0] else err
+        if bar is not None:
+            bar.update(2 * inp.shape[0])
+    shape = (vs.shape[0], x.shape[0])
+    return (_gathered(f32.view(shape)), _gathered(b16.view(shape)), distributed.all_reduce_scalar(err, "max"),
+            _gathered(margin.view(shape)))
+
+
+def refine_margin(max_error: float) -> float:
+    """The top-two margin below which a refined-bfloat16 prediction is remade in float32:
+    ``2 * BF16_ERROR_SAFETY * max_error`` (an argmax cannot change while no logit moves by more
+    than half its margin)."""
+    return 2.0 * BF16_ERROR_SAFETY * max_error
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:

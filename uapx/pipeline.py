@@ -71,7 +71,7 @@ class AnalyzeConfig:
     trajectory_samples: int = 100
     transfer: list[str] = field(default_factory=list)  # other models to apply the global UAPs to
     device: str = "cpu"
-    eval_precision: str = "auto"  # UAP evaluation: auto (bfloat16 where it agrees with float32), float32, bfloat16
+    eval_precision: str = "auto"  # UAP evaluation: auto (refined bfloat16: float32 predictions), float32, bfloat16
     compile: bool = False  # evaluate through torch.compile (eager with one warning where it fails)
     seed: int = 0
     out: str = "uapx-report"
