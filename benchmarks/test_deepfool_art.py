@@ -11,6 +11,9 @@ images as ART (the speed is the summary's, never an assertion).  ART is an optio
 """
 from __future__ import annotations
 
+import math
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -28,7 +31,7 @@ from uapx.perturbations import PerturbationSet  # noqa: E402
 from uapx.registry import get_registry  # noqa: E402
 
 FIT, HELD_OUT, EPS, BATCH = 100, 1000, 4.0, 32
-FOOLING: dict[str, float] = {}
+FOOLED: dict[str, torch.Tensor] = {}  # impl -> which held-out images its UAP fools (1,000,)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,7 @@ def art_uap(model, x, y) -> torch.Tensor:
                                attacker_params={"max_iter": 10, "epsilon": 0.02, "nb_grads": 10, "verbose": False},
                                delta=0.2, max_iter=1, eps=EPS, norm=2, verbose=False)
     np.random.seed(0)
+    random.seed(0)  # ART's image order
     up.generate(x.numpy())
     return torch.from_numpy(up.noise[0]).float()
 
@@ -68,9 +72,12 @@ def test_deepfool_uap_vs_art(benchmark, mnist, impl):
         batch = BATCH if impl == "uapx-batched" else None
         v = benchmark.pedantic(uapx_uap, args=(model, x, y, batch), rounds=1, iterations=1)
     clean = predict(model, held)
-    FOOLING[impl] = float((predict(model, held, v=v.view(held.shape[1:])) != clean).double().mean())
-    benchmark.extra_info["held_out_fooling_rate"] = FOOLING[impl]
+    FOOLED[impl] = (predict(model, held, v=v.view(held.shape[1:])) != clean).double()
+    benchmark.extra_info["held_out_fooling_rate"] = float(FOOLED[impl].mean())
     benchmark.extra_info["norm"] = float(v.norm())
     assert float(v.norm()) <= EPS * (1 + 1e-4)
-    if impl == "uapx-batched" and "art" in FOOLING:
-        assert FOOLING["uapx-batched"] >= FOOLING["art"], FOOLING
+    if impl == "uapx-batched" and "art" in FOOLED:
+        d = FOOLED["uapx-batched"] - FOOLED["art"]  # paired: the same held-out images
+        se = float(d.std()) / math.sqrt(d.numel())
+        rates = {k: float(f.mean()) for k, f in FOOLED.items()}
+        assert float(d.mean()) >= -1.96 * se, (rates, se)

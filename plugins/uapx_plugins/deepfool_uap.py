@@ -9,6 +9,8 @@ repeat until the fooling rate reaches ``1 - delta`` or ``passes`` run out.  Targ
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from tqdm import tqdm
 
@@ -16,6 +18,22 @@ import uapx
 from uapx import distributed
 from uapx.methods import Direction, UAPMethod
 from uapx.norms import check_norm, check_target_class, dual_size, project, steepest
+
+
+def _difference_gradients(picked: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``w[i, j] = grad_x (picked[i, j + 1] - picked[i, 0])`` ``(B, m-1, d)`` for logits ``picked``
+    ``(B, m)`` of one forward pass on ``x`` ``(B, ...)``: m-1 vector-Jacobian products of that one
+    pass (``is_grads_batched``), not a forward pass per class."""
+    b, m = picked.shape
+    if m < 2:
+        return x.new_zeros(b, 0, x[0].numel())
+    rows = torch.zeros(m - 1, b, m, dtype=picked.dtype, device=picked.device)
+    rows[:, :, 0] = -1.0
+    rows[torch.arange(m - 1), :, torch.arange(1, m)] = 1.0  # row j: e_{j+1} - e_0 for every image
+    with warnings.catch_warnings():  # vmap's note that convolution_backward runs as a loop over the rows
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        (g,) = torch.autograd.grad(picked, x, grad_outputs=rows, is_grads_batched=True)
+    return g.reshape(m - 1, b, -1).transpose(0, 1)
 
 
 def deepfool(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 10, overshoot: float = 0.02,
@@ -65,21 +83,17 @@ def deepfool_batch(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 1
         idx = active.nonzero().flatten()
         if idx.numel() == 0:
             break
-        xi = (x[idx] + (1 + overshoot) * r_tot[idx]).clamp(0, 1)
-        xr = xi.detach().unsqueeze(1).expand(-1, m, *x.shape[1:]).reshape(-1, *x.shape[1:]).clone()
-        xr.requires_grad_(True)
-        out = model(xr).view(idx.numel(), m, -1)  # (a, m, classes): copy j of image i
-        now = out[:, 0].argmax(1)
+        xi = (x[idx] + (1 + overshoot) * r_tot[idx]).clamp(0, 1).detach().requires_grad_(True)
+        out = model(xi)  # (a, classes): one forward pass per iterate, its m-1 gradients below
+        now = out.argmax(1)
         s = sel[idx]
         if target is None:
             crossed = now != orig[idx]
         else:
             crossed = now == int(target)
             s = torch.stack([now, s[:, 1]], 1)  # leave the current class towards the target
-        picked = out.gather(2, s[:, :, None]).squeeze(2)  # (a, m): logit of class s[i, j] on copy j
-        (grads,) = torch.autograd.grad(picked.sum(), xr)
-        grads = grads.view(idx.numel(), m, -1)
-        w = grads[:, 1:] - grads[:, :1]  # (a, m-1, d)
+        picked = out.gather(1, s)  # (a, m): the logits of classes s[i, 0], ..., s[i, m-1]
+        w = _difference_gradients(picked, xi)  # (a, m-1, d)
         f = (picked[:, 1:] - picked[:, :1]).detach()  # (a, m-1)
         wn = dual_size(w.reshape(-1, w.shape[2]), norm).view(w.shape[:2])
         dist = f.abs() / wn.clamp_min(1e-12)
