@@ -2,11 +2,14 @@
 PyTorch on the bundled natural MNIST model and real MNIST test images; defaults per norm."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import uapx.data
 import uapx.models
+import uapx.models.architectures
 from uapx import inference
 from uapx.errors import UapxError
 from uapx.evaluate import evaluate_many
@@ -72,11 +75,17 @@ def test_small_forward_batches_give_the_same_predictions(setting):
     assert torch.equal(big[1], plain_predictions(model, x, uaps[1].vector))
 
 
-def test_auto_precision_gives_the_float32_numbers(setting):
+def _evaluated(setting, precision):
+    """``(evaluations, the run's evaluation info, float32 reference rates)`` of ``setting``'s UAPs."""
     model, x, y, uaps = setting
     _, ref = reference_rates(model, x, y, uaps)
-    evals, extra = evaluate_many(model, x, y, uaps, num_classes=10, draws=2, precision="auto", progress=False)
-    info = extra["evaluation"]
+    evals, extra = evaluate_many(model, x, y, uaps, num_classes=10, draws=2, precision=precision, progress=False)
+    return evals, extra["evaluation"], ref
+
+
+def test_auto_precision_gives_the_float32_numbers(setting):
+    uaps = setting[3]
+    evals, info, ref = _evaluated(setting, "auto")
     if inference.bf16_supported():
         assert info["precision"] == "bfloat16-refined"
         assert info["refine_margin"] == pytest.approx(inference.refine_margin(info["bf16_max_logit_error"]))
@@ -90,10 +99,8 @@ def test_auto_precision_gives_the_float32_numbers(setting):
 
 
 def test_plain_bf16_precision_is_close_to_float32(setting):
-    model, x, y, uaps = setting
-    _, ref = reference_rates(model, x, y, uaps)
-    evals, extra = evaluate_many(model, x, y, uaps, num_classes=10, draws=2, precision="bfloat16", progress=False)
-    info = extra["evaluation"]
+    uaps = setting[3]
+    evals, info, ref = _evaluated(setting, "bfloat16")
     if inference.bf16_supported():
         assert info["precision"] == "bfloat16" and info["bf16_agreement"] >= inference.BF16_MIN_AGREEMENT
     for u in uaps:  # at most a few images in a thousand change their verdict
@@ -195,3 +202,32 @@ def test_bf16_check_covers_enough_predictions():
         assert k <= u and (k % 2 == 0 or k == u)
         assert (k + 1) * n >= need or k == u, (n, u, k)
         assert k == 2 or k == u or k * n < need + 2 * n, (n, u, k)  # no more than it takes
+
+
+def test_folded_batchnorm_copy_gives_the_same_logits():
+    """The bfloat16 copy folds BatchNorm into the convolutions: in float32 its logits are the
+    model's up to rounding (an independent eager forward), and a model fx cannot trace is used
+    as it is."""
+    torch.manual_seed(0)
+    model = uapx.models.architectures.build("resnet-small", num_classes=10)
+    model.train()
+    with torch.no_grad():  # running statistics away from the identity, so folding has work to do
+        for _ in range(3):
+            model(torch.rand(64, 3, 32, 32))
+    model.eval()
+    folded = inference._fold_batchnorm(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(16, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+    class Untraceable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x  # data-dependent control flow
+
+    odd = Untraceable().eval()
+    assert inference._fold_batchnorm(odd) is odd

@@ -8,8 +8,9 @@ convolutions on CPUs), optionally under bfloat16 autocast and optionally through
 tests compare them).
 
 bfloat16 comes in two forms (see :mod:`uapx.evaluate`).  *Refined* (the default where the device
-has bfloat16 arithmetic): every prediction is made in bfloat16, and those whose top-two logits are
-closer than a margin are made again in float32.  If no logit is off by more than ``E``, an argmax
+has bfloat16 arithmetic): every prediction is made in bfloat16 by a copy of the model with its
+BatchNorms folded into the convolutions, and those whose top-two logits are closer than a margin
+are made again in float32 by the model itself.  If no logit is off by more than ``E``, an argmax
 whose margin exceeds ``2 E`` is float32's; :func:`bf16_logit_error` measures the largest
 bfloat16 logit error on the run's own checked images and :func:`refine_margin` sets the margin
 for ``BF16_ERROR_SAFETY`` times it, so the predictions are float32's unless an image's error
@@ -65,50 +66,71 @@ def rows_per_forward(sample_shape: tuple[int, ...] | torch.Size) -> int:
     return max(MIN_ROWS, min(4096, ROW_ELEMENTS // max(int(torch.Size(sample_shape).numel()), 1)))
 
 
-def prepared_model(model: nn.Module, *, compile: bool = False) -> nn.Module:
+def _fold_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with each BatchNorm folded into the convolution before it (``torch.fx``; eval
+    mode), or ``model`` itself where it cannot be traced.  Float32 logits move by about 1e-6 (the
+    refined-bfloat16 check measures the bfloat16 copy's error as a whole); a bfloat16 pass of
+    resnet-small is 1.25-1.33x faster folded (one thread, 85 images)."""
+    if not any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in model.modules()):
+        return model
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        return fuse(model)
+    except Exception:  # noqa: BLE001 - not traceable (control flow, custom modules): unfolded
+        return model
+
+
+def prepared_model(model: nn.Module, *, compile: bool = False, bf16: bool = False) -> nn.Module:
     """A channels-last copy of ``model`` for inference, cached per model until its parameters or
-    buffers change; ``compile=True`` runs it through ``torch.compile`` (compiled once per copy),
-    falling back to eager with one warning where compiling fails."""
+    buffers change; ``bf16=True``: the copy for bfloat16 passes, its BatchNorms folded into the
+    convolutions (:func:`_fold_batchnorm`); ``compile=True`` runs it through ``torch.compile``
+    (compiled once per copy), falling back to eager with one warning where compiling fails."""
     stamp = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
     cache = _PREPARED.get(model)
     if cache is None or cache["stamp"] != stamp:  # new, or trained / reloaded since: copy again
         cache = _PREPARED[model] = {"stamp": stamp}
-    key = "compiled" if compile else "eager"
+    base = "bf16" if bf16 else "eager"
+    key = f"{base}-compiled" if compile else base
     if key not in cache:
-        if "eager" not in cache:
+        if base not in cache:
             m = copy.deepcopy(model).eval()
+            if bf16:
+                m = _fold_batchnorm(m)
             try:
                 m = m.to(memory_format=torch.channels_last)
             except RuntimeError:  # a model with parameters of another rank
                 pass
             for p in m.parameters():
                 p.requires_grad_(False)
-            cache["eager"] = m
+            cache[base] = m
         if compile:
             try:
-                cache["compiled"] = torch.compile(cache["eager"], dynamic=False)
+                cache[key] = torch.compile(cache[base], dynamic=False)
             except Exception as exc:  # noqa: BLE001 - any compiler failure means eager
                 warnings.warn(f"uapx: torch.compile failed ({type(exc).__name__}: {exc}); evaluating eagerly",
                               stacklevel=2)
-                cache["compiled"] = cache["eager"]
+                cache[key] = cache[base]
     return cache[key]
 
 
 def _logits(original: nn.Module, xb: torch.Tensor, *, bf16: bool, compile: bool) -> torch.Tensor:
-    """Float32 logits ``(B, K)`` of ``xb`` (computed in bfloat16 where ``bf16``); a compiled model
-    that fails at run time is replaced by the eager one (one warning)."""
+    """Float32 logits ``(B, K)`` of ``xb`` (computed in bfloat16 where ``bf16``, by the folded
+    copy); a compiled model that fails at run time is replaced by the eager one (one warning)."""
     if xb.dim() == 4:
         xb = xb.contiguous(memory_format=torch.channels_last)
-    net = prepared_model(original, compile=compile)
+    net = prepared_model(original, compile=compile, bf16=bf16)
+    base = "bf16" if bf16 else "eager"
+    cache = _PREPARED[original]
     with torch.autocast("cuda" if xb.is_cuda else "cpu", dtype=torch.bfloat16, enabled=bf16):
-        if net is not _PREPARED[original]["eager"]:
+        if net is not cache[base]:
             try:
                 return net(xb).float()
             except Exception as exc:  # noqa: BLE001 - a compiled graph that fails at run time
                 warnings.warn(f"uapx: the compiled model failed ({type(exc).__name__}: {exc}); evaluating eagerly",
                               stacklevel=3)
-                _PREPARED[original]["compiled"] = _PREPARED[original]["eager"]
-        return _PREPARED[original]["eager"](xb).float()
+                cache[f"{base}-compiled"] = cache[base]
+        return cache[base](xb).float()
 
 
 def _passes(x: torch.Tensor, vs: torch.Tensor, rows: int | None, device: str):
