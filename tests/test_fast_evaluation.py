@@ -231,3 +231,24 @@ def test_folded_batchnorm_copy_gives_the_same_logits():
 
     odd = Untraceable().eval()
     assert inference._fold_batchnorm(odd) is odd
+
+
+@pytest.mark.skipif(not inference.bf16_supported(), reason="no bfloat16 arithmetic on this CPU")
+def test_a_second_evaluation_reuses_the_first_check(setting, monkeypatch):
+    """Held-out images reuse the fit images' refined-bfloat16 margin: no second check, and still
+    float32's numbers."""
+    model, x, y, uaps = setting
+    _, first, ref = _evaluated(setting, "auto")
+    calls = []
+    monkeypatch.setattr(inference, "bf16_logit_error", lambda *a, **k: calls.append(1))
+    evals, extra = evaluate_many(model, x, y, uaps, num_classes=10, draws=2, precision="auto", progress=False,
+                                 checked=first)
+    info = extra["evaluation"]
+    assert not calls and info["check_reused"] and info["refine_margin"] == first["refine_margin"]
+    assert info["precision"] == "bfloat16-refined" and info["refined"] > 0
+    for u in uaps:
+        assert (evals[u.name].plus.fooling_rate, evals[u.name].minus.fooling_rate,
+                evals[u.name].plus.accuracy) == ref[u.name]
+    _, plain = evaluate_many(model, x, y, uaps, num_classes=10, draws=2, precision="float32", progress=False,
+                             checked=first)
+    assert plain["evaluation"]["precision"] == "float32"  # asked for float32: float32

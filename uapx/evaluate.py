@@ -207,7 +207,8 @@ def baseline_stats(eps: float, preds: list[torch.Tensor] | torch.Tensor, *, clea
 def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list[UAP], *, num_classes: int,
                   draws: int = 5, seed: int = 0, batch_size: int = 500, device: str = "cpu",
                   clean_pred: torch.Tensor | None = None, precision: str = "float32", compile: bool = False,
-                  progress: bool = True, signs: dict[str, int] | None = None) -> tuple[dict[str, UAPEvaluation], dict]:
+                  progress: bool = True, signs: dict[str, int] | None = None,
+                  checked: dict | None = None) -> tuple[dict[str, UAPEvaluation], dict]:
     """Evaluate every UAP on ``(x, y)`` and the random baseline at each eps they use.
 
     Every perturbation (+v and -v of each UAP, the random draws) goes through one batched
@@ -222,7 +223,10 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
     warning.  The check computes the clean images and the first UAPs' +v and -v images in both
     precisions (as many UAPs as it takes for :data:`uapx.inference.BF16_MIN_CHECKED` predictions).  ``batch_size`` is only used for the clean
     predictions when they are not given.  ``signs`` (UAP name -> +1/-1) fixes the sign reported
-    for those UAPs instead of choosing it on these images (held-out evaluation).
+    for those UAPs instead of choosing it on these images (held-out evaluation).  ``checked``: the
+    ``"evaluation"`` entry of an earlier call on the same model and UAPs (the fit images); where it
+    chose refined bfloat16, its margin is used here without a check of its own (held-out images:
+    one check per run), recorded as ``check_reused``.
 
     The random directions have each UAP's size, norm and target: one set of ``draws`` per
     ``(eps, norm, target)`` the UAPs use, keyed by :func:`baseline_key`.
@@ -249,13 +253,18 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
                   "compiled": bool(compile)}
     run = dict(device=device, compile=compile)
     bf16 = precision != "float32" and inference.bf16_supported(device)
-    checked = inference.bf16_check_count(n_all, vs.shape[0]) if bf16 else 0
-    with tqdm(total=(vs.shape[0] + (checked + 2 if bf16 else 0)) * n_all, desc="evaluate", unit="img",
+    refine = None
+    if bf16 and precision == "auto" and (checked or {}).get("precision") == "bfloat16-refined":
+        refine, bf16 = checked["refine_margin"], False  # the earlier check's margin; no check here
+        info.update(precision="bfloat16-refined", bf16_max_logit_error=checked["bf16_max_logit_error"],
+                    refine_margin=refine, check_reused=True)
+    n_check = inference.bf16_check_count(n_all, vs.shape[0]) if bf16 else 0
+    with tqdm(total=(vs.shape[0] + (n_check + 2 if bf16 else 0)) * n_all, desc="evaluate", unit="img",
               disable=not (progress and distributed.is_main()), leave=False) as bar:
         preds = torch.empty(vs.shape[0], n_all, dtype=torch.long)
-        done, refine = 0, None
+        done = 0
         if bf16:  # the clean images and the first UAPs' +v and -v, in both precisions
-            check = torch.cat([torch.zeros(1, *shape), vs[:checked]])
+            check = torch.cat([torch.zeros(1, *shape), vs[:n_check]])
             f32, b16, err, margins = inference.bf16_logit_error(model, x, check, bar=bar, **run)
             ok, rate = inference.bf16_agrees(b16, torch.cat([clean_pred.view(1, -1), f32[1:]]))
             info.update(bf16_agreement=rate, bf16_checked_on=int(b16.numel()), bf16_max_logit_error=err)
@@ -267,8 +276,8 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
                     info["precision"], refine = "bfloat16-refined", margin
             elif ok:
                 info["precision"] = "bfloat16"
-            preds[:checked] = f32[1:]
-            done = checked
+            preds[:n_check] = f32[1:]
+            done = n_check
         if precision == "bfloat16" and info["precision"] != "bfloat16":
             import warnings
 

@@ -501,11 +501,12 @@ def evaluate_uaps(analysis: Analysis, preds: Predictions, c: AnalyzeConfig) -> d
     }
 
 
-def evaluate_held_out(analysis: Analysis, s: Setup, c: AnalyzeConfig) -> dict:
+def evaluate_held_out(analysis: Analysis, s: Setup, c: AnalyzeConfig, checked: dict | None = None) -> dict:
     """Stage 4b: every UAP on the held-out images ``s.heldout`` (disjoint from the fit images; rule
     :data:`HELD_OUT`), each with the sign chosen on the fit images, beside random directions of the
     same norm, and the global UAPs on the ``--transfer`` models; sets ``analysis.heldout`` and
-    returns ``report.json``'s ``uaps.held_out``.  Run after :func:`evaluate_uaps`."""
+    returns ``report.json``'s ``uaps.held_out``.  Run after :func:`evaluate_uaps`; ``checked``, its
+    ``"evaluation"`` entry, lends the analysed model's refined-bfloat16 margin (one check per run)."""
     from .image_sources import ImageRows
     from .stats import class_counts
 
@@ -519,7 +520,7 @@ def evaluate_held_out(analysis: Analysis, s: Setup, c: AnalyzeConfig) -> dict:
     opts = dict(draws=c.random_draws, seed=c.seed, batch_size=c.batch_size, device=c.device,
                 precision=c.eval_precision, compile=c.compile, signs=signs)
     evals, extra = evaluate_many(analysis.model, x, y_all, analysis.uaps, num_classes=analysis.num_classes,
-                                 clean_pred=clean, **opts)
+                                 clean_pred=clean, checked=checked, **opts)
     baseline = extra["random_baseline"].get(baseline_key(analysis.eps, c.norm, c.target_class)) or random_baseline(
         analysis.model, x, y_all, analysis.eps, clean_pred=clean, num_classes=analysis.num_classes, norm=c.norm,
         target=c.target_class, **{k: opts[k] for k in ("draws", "seed", "batch_size", "device")})
@@ -646,7 +647,7 @@ def analyze(config: AnalyzeConfig, *, registry: Registry | None = None, model: n
             build_uaps(analysis, p.methods, c)
             uaps = evaluate_uaps(analysis, preds, c)
         with timer("held_out"):
-            uaps["held_out"] = evaluate_held_out(analysis, s, c)
+            uaps["held_out"] = evaluate_held_out(analysis, s, c, checked=uaps["evaluation"])
             if "transfer" in uaps["held_out"]:  # report.json's uaps.transfer (on the held-out images)
                 uaps["transfer"] = uaps["held_out"].pop("transfer")
         report = Report(f"uapx analysis: {c.model} on {c.dataset} (fit: {s.images.split}, {len(preds.y)} images; "
