@@ -473,7 +473,8 @@ def _comparison_plots(report: Report, runs: dict[str, dict | None], parts: Path)
                 ax.plot(t, prof[name], ls="--" if name.startswith("random") else "-", label=f"{model} {name}")
     ax.set_xlabel("t")
     ax.set_ylabel("mean cross-entropy")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:  # no landscape profiles in any run: no legend to draw
+        ax.legend(fontsize=6)
     report.add_plot("landscape", "natural-vs-adversarial", fig,
                     "Loss along the top singular direction (solid) and a random direction (dashed) per model.")
     _fooling_plot(report, done)
