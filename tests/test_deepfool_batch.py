@@ -92,3 +92,37 @@ def test_bad_batch_is_a_one_line_error():
     cls = get_registry().get("deepfool-uap").cls
     with pytest.raises(uapx.UapxError, match="batch must be a whole number"):
         cls(batch=0)
+
+
+def test_deepfool_with_a_backward_vmap_cannot_batch(mnist):
+    """A model with a custom autograd Function whose backward vmap cannot run (it goes through
+    NumPy) gets DeepFool's per-class gradients one backward pass at a time: the same
+    perturbations as the reference loop."""
+    from uapx_plugins.deepfool_uap import deepfool_batch
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            ctx.save_for_backward(t)
+            return t * t
+
+        @staticmethod
+        def backward(ctx, g):  # through NumPy: vmap cannot batch it
+            (t,) = ctx.saved_tensors
+            return torch.from_numpy((2 * t * g).numpy())
+
+    model, x = mnist[0], mnist[1]
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, t):
+            return self.inner(Square.apply(t))
+
+    net = Wrapped().eval()
+    xb = x[:6]
+    batched = deepfool_batch(net, xb, max_iter=10)
+    single = torch.cat([reference_deepfool(net, xb[i:i + 1]) for i in range(6)])
+    assert torch.allclose(batched, single, atol=1e-5, rtol=1e-4)

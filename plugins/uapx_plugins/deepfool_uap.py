@@ -23,16 +23,21 @@ from uapx.norms import check_norm, check_target_class, dual_size, project, steep
 def _difference_gradients(picked: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``w[i, j] = grad_x (picked[i, j + 1] - picked[i, 0])`` ``(B, m-1, d)`` for logits ``picked``
     ``(B, m)`` of one forward pass on ``x`` ``(B, ...)``: m-1 vector-Jacobian products of that one
-    pass (``is_grads_batched``), not a forward pass per class."""
+    pass (``is_grads_batched``), not a forward pass per class.  A model whose backward cannot run
+    under vmap (a custom autograd Function without vmap support) gets the same products one
+    backward pass at a time."""
     b, m = picked.shape
     if m < 2:
         return x.new_zeros(b, 0, x[0].numel())
     rows = torch.zeros(m - 1, b, m, dtype=picked.dtype, device=picked.device)
     rows[:, :, 0] = -1.0
     rows[torch.arange(m - 1), :, torch.arange(1, m)] = 1.0  # row j: e_{j+1} - e_0 for every image
-    with warnings.catch_warnings():  # vmap's note that convolution_backward runs as a loop over the rows
-        warnings.filterwarnings("ignore", message=".*performance drop.*")
-        (g,) = torch.autograd.grad(picked, x, grad_outputs=rows, is_grads_batched=True)
+    try:
+        with warnings.catch_warnings():  # vmap's note that convolution_backward runs as a loop over the rows
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            (g,) = torch.autograd.grad(picked, x, grad_outputs=rows, is_grads_batched=True, retain_graph=True)
+    except RuntimeError:  # backward not vmappable: one product per row
+        g = torch.stack([torch.autograd.grad(picked, x, grad_outputs=r, retain_graph=True)[0] for r in rows])
     return g.reshape(m - 1, b, -1).transpose(0, 1)
 
 
