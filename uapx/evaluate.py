@@ -221,8 +221,8 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
     predictions need remaking, else float32; ``"bfloat16"``: plain bfloat16 autocast where its
     predictions agree with float32 on at least 99.9 % of the checked ones, else float32 with a
     warning.  The check computes the clean images and the first UAPs' +v and -v images in both
-    precisions (as many UAPs as it takes for :data:`uapx.inference.BF16_MIN_CHECKED` predictions).  ``batch_size`` is only used for the clean
-    predictions when they are not given.  ``signs`` (UAP name -> +1/-1) fixes the sign reported
+    precisions (as many UAPs as it takes for :data:`uapx.inference.BF16_MIN_CHECKED`
+    predictions).  ``batch_size`` is only used for the clean predictions when they are not given.  ``signs`` (UAP name -> +1/-1) fixes the sign reported
     for those UAPs instead of choosing it on these images (held-out evaluation).  ``checked``: the
     ``"evaluation"`` entry of an earlier call on the same model and UAPs (the fit images); where it
     chose refined bfloat16, its margin is used here without a check of its own (held-out images:

@@ -35,9 +35,8 @@ BF16_MIN_AGREEMENT = 0.999  # bfloat16 evaluation only where its predictions agr
 # on fewer a single disagreement already fails the bar, so a model that disagrees 2 times in 1,000
 # (resnet-small on CIFAR-10: 45 in 25,000) would pass a 600-prediction check one time in three.
 BF16_MIN_CHECKED = 3000
-# Refined bfloat16: a prediction is remade in float32 when its bfloat16 top-two margin is below
-# 2 x (this x the largest bfloat16 logit error of the check); worth it only while at most
-# BF16_MAX_REFINED of the checked predictions need it.
+# Refined bfloat16: the safety factor of refine_margin, and the largest share of the checked
+# predictions that may need remaking in float32 for refined bfloat16 to be used at all.
 BF16_ERROR_SAFETY = 2.0
 BF16_MAX_REFINED = 0.5
 # Input elements per forward pass (256 Ki floats = 1 MB): rows = this // pixels, at least MIN_ROWS.
@@ -81,6 +80,11 @@ def _fold_batchnorm(model: nn.Module) -> nn.Module:
         return model
 
 
+def _copy_name(bf16: bool) -> str:
+    """The cache key of a model's eager inference copy: the folded one for bfloat16 passes."""
+    return "bf16" if bf16 else "eager"
+
+
 def prepared_model(model: nn.Module, *, compile: bool = False, bf16: bool = False) -> nn.Module:
     """A channels-last copy of ``model`` for inference, cached per model until its parameters or
     buffers change; ``bf16=True``: the copy for bfloat16 passes, its BatchNorms folded into the
@@ -90,7 +94,7 @@ def prepared_model(model: nn.Module, *, compile: bool = False, bf16: bool = Fals
     cache = _PREPARED.get(model)
     if cache is None or cache["stamp"] != stamp:  # new, or trained / reloaded since: copy again
         cache = _PREPARED[model] = {"stamp": stamp}
-    base = "bf16" if bf16 else "eager"
+    base = _copy_name(bf16)
     key = f"{base}-compiled" if compile else base
     if key not in cache:
         if base not in cache:
@@ -120,7 +124,7 @@ def _logits(original: nn.Module, xb: torch.Tensor, *, bf16: bool, compile: bool)
     if xb.dim() == 4:
         xb = xb.contiguous(memory_format=torch.channels_last)
     net = prepared_model(original, compile=compile, bf16=bf16)
-    base = "bf16" if bf16 else "eager"
+    base = _copy_name(bf16)
     cache = _PREPARED[original]
     with torch.autocast("cuda" if xb.is_cuda else "cpu", dtype=torch.bfloat16, enabled=bf16):
         if net is not cache[base]:
@@ -184,16 +188,15 @@ def predict_many(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device:
     rows = rows or rows_per_forward(x.shape[1:])
     out = torch.empty(vs.shape[0] * x.shape[0], dtype=torch.long)
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images, positions) to remake in float32
-    waiting = refined = 0
+    refined = 0
 
     def remake() -> None:
-        nonlocal waiting, refined
+        nonlocal refined
         if pending:
             imgs, at = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
             out[at] = _logits(model, imgs, bf16=False, compile=False).argmax(1).cpu()
             refined += at.numel()
             pending.clear()
-            waiting = 0
 
     for inp, flat in _passes(x, vs, rows, device):
         logits = _logits(model, inp, bf16=bf16, compile=compile)
@@ -202,8 +205,7 @@ def predict_many(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device:
             near = (_margins(logits) < refine_below).cpu()
             if bool(near.any()):
                 pending.append((inp[near.to(inp.device)], flat[near]))
-                waiting += int(near.sum())
-                if waiting >= rows:
+                if sum(p[1].numel() for p in pending) >= rows:  # a full float32 pass
                     remake()
         if bar is not None:
             bar.update(inp.shape[0])

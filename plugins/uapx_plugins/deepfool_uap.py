@@ -20,25 +20,31 @@ from uapx.methods import Direction, UAPMethod
 from uapx.norms import check_norm, check_target_class, dual_size, project, steepest
 
 
-def _difference_gradients(picked: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _difference_gradients(picked: torch.Tensor, x: torch.Tensor, *,
+                          batched: bool = True) -> tuple[torch.Tensor, bool]:
     """``w[i, j] = grad_x (picked[i, j + 1] - picked[i, 0])`` ``(B, m-1, d)`` for logits ``picked``
     ``(B, m)`` of one forward pass on ``x`` ``(B, ...)``: m-1 vector-Jacobian products of that one
     pass (``is_grads_batched``), not a forward pass per class.  A model whose backward cannot run
     under vmap (a custom autograd Function without vmap support) gets the same products one
-    backward pass at a time."""
+    backward pass at a time.  Returns ``(w, batched)``: ``batched`` is False once vmap failed (or
+    was not to be tried), so that later iterations go straight to the loop."""
     b, m = picked.shape
     if m < 2:
-        return x.new_zeros(b, 0, x[0].numel())
+        return x.new_zeros(b, 0, x[0].numel()), batched
     rows = torch.zeros(m - 1, b, m, dtype=picked.dtype, device=picked.device)
     rows[:, :, 0] = -1.0
     rows[torch.arange(m - 1), :, torch.arange(1, m)] = 1.0  # row j: e_{j+1} - e_0 for every image
-    try:
-        with warnings.catch_warnings():  # vmap's note that convolution_backward runs as a loop over the rows
-            warnings.filterwarnings("ignore", message=".*performance drop.*")
-            (g,) = torch.autograd.grad(picked, x, grad_outputs=rows, is_grads_batched=True, retain_graph=True)
-    except RuntimeError:  # backward not vmappable: one product per row
+    g = None
+    if batched:
+        try:
+            with warnings.catch_warnings():  # vmap's note that convolution_backward runs as a loop over the rows
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                (g,) = torch.autograd.grad(picked, x, grad_outputs=rows, is_grads_batched=True, retain_graph=True)
+        except RuntimeError:  # backward not vmappable
+            batched = False
+    if g is None:  # one product per row
         g = torch.stack([torch.autograd.grad(picked, x, grad_outputs=r, retain_graph=True)[0] for r in rows])
-    return g.reshape(m - 1, b, -1).transpose(0, 1)
+    return g.reshape(m - 1, b, -1).transpose(0, 1), batched
 
 
 def deepfool(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 10, overshoot: float = 0.02,
@@ -84,6 +90,7 @@ def deepfool_batch(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 1
         sel = torch.stack([orig, torch.full_like(orig, int(target))], 1)
     r_tot = torch.zeros_like(x)
     active = torch.ones(b, dtype=torch.bool, device=x.device)
+    vmap_ok = True  # the gradients as one batched backward until vmap fails on this model
     for _ in range(max_iter):
         idx = active.nonzero().flatten()
         if idx.numel() == 0:
@@ -98,7 +105,7 @@ def deepfool_batch(model: torch.nn.Module, x: torch.Tensor, *, max_iter: int = 1
             crossed = now == int(target)
             s = torch.stack([now, s[:, 1]], 1)  # leave the current class towards the target
         picked = out.gather(1, s)  # (a, m): the logits of classes s[i, 0], ..., s[i, m-1]
-        w = _difference_gradients(picked, xi)  # (a, m-1, d)
+        w, vmap_ok = _difference_gradients(picked, xi, batched=vmap_ok)  # (a, m-1, d)
         f = (picked[:, 1:] - picked[:, :1]).detach()  # (a, m-1)
         wn = dual_size(w.reshape(-1, w.shape[2]), norm).view(w.shape[:2])
         dist = f.abs() / wn.clamp_min(1e-12)
