@@ -88,7 +88,8 @@ def test_auto_precision_gives_the_float32_numbers(setting):
     evals, info, ref = _evaluated(setting, "auto")
     if inference.bf16_supported():
         assert info["precision"] == "bfloat16-refined"
-        assert info["refine_margin"] == pytest.approx(inference.refine_margin(info["bf16_max_logit_error"]))
+        assert info["refine_margin"] == pytest.approx(inference.refine_margin(info["bf16_max_spread"]))
+        assert 0 < info["bf16_max_spread"] <= 2 * info["bf16_max_logit_error"]
         assert info["bf16_max_logit_error"] > 0 and 0 < info["refined"] < info["refined_share"] * 1e9
         assert info["refined_share"] <= inference.BF16_MAX_REFINED
     else:
@@ -119,9 +120,10 @@ def test_refined_bf16_remakes_every_disagreement_on_cifar10(data_root):
     g = torch.Generator().manual_seed(5)
     vs = torch.randn(12, 3, 32, 32, generator=g)
     vs = vs * (1.0 / vs.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)  # L2 1: larger than the default eps 0.5
-    f32, b16, err, margins = inference.bf16_logit_error(model, x, vs[:6])  # the check, on 1,800
-    assert 0 < err < 1 and torch.equal(f32, inference.predict_many(model, x, vs[:6]))
-    margin = inference.refine_margin(err)
+    check = inference.bf16_logit_error(model, x, vs[:6])  # the check, on 1,800
+    assert 0 < check.error < 1 and 0 < check.spread <= 2 * check.error
+    assert torch.equal(check.f32, inference.predict_many(model, x, vs[:6]))
+    margin = inference.refine_margin(check.spread)
     stats: dict = {}
     refined = inference.predict_many(model, x, vs[6:], bf16=True, refine_below=margin, stats=stats)
     plain = inference.predict_many(model, x, vs[6:], bf16=True)
@@ -129,6 +131,26 @@ def test_refined_bf16_remakes_every_disagreement_on_cifar10(data_root):
     assert torch.equal(refined, exact)
     assert stats["predicted"] == exact.numel() and 0 < stats["refined"] < 0.5 * exact.numel()
     assert (plain != exact).sum() <= stats["refined"]  # every disagreement was among the remade
+
+
+@pytest.mark.skipif(not inference.bf16_supported(), reason="no bfloat16 arithmetic on this CPU")
+def test_check_spread_against_a_plain_loop(setting):
+    """The check's largest error and spread are those of per-image logit differences computed
+    one perturbation at a time (float32 eager model against the bfloat16 folded copy)."""
+    model, x, _, uaps = setting
+    vs = torch.stack([u.vector for u in uaps[:3]])
+    check = inference.bf16_logit_error(model, x, vs, rows=70)
+    folded = inference.prepared_model(model, bf16=True)
+    err = spread = 0.0
+    with torch.no_grad():
+        for v in vs:
+            xv = (x + v).clamp(0, 1)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                lb = folded(xv.contiguous(memory_format=torch.channels_last)).float()
+            d = lb - model(xv)
+            err, spread = max(err, d.abs().max().item()), max(spread, (d.max(1).values - d.min(1).values).max().item())
+    assert check.error == pytest.approx(err, rel=0.05) and check.spread == pytest.approx(spread, rel=0.05)
+    assert check.spread > 0 and inference.refine_margin(check.spread) == inference.BF16_ERROR_SAFETY * check.spread
 
 
 def test_disagreeing_bf16_falls_back_to_float32(setting, monkeypatch):

@@ -216,7 +216,7 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
     inference mode); the clean predictions are computed once (or passed in).  ``precision``:
     ``"float32"`` (eager float32 numbers); ``"auto"``: refined bfloat16 where the device has
     bfloat16 arithmetic (:mod:`uapx.inference`: bfloat16 predictions, those with a top-two margin
-    under :func:`~uapx.inference.refine_margin` of the check's largest logit error remade in
+    under :func:`~uapx.inference.refine_margin` of the check's largest logit-error spread remade in
     float32, so that they are float32's), provided at most ``BF16_MAX_REFINED`` of the checked
     predictions need remaking, else float32; ``"bfloat16"``: plain bfloat16 autocast where its
     predictions agree with float32 on at least 99.9 % of the checked ones, else float32 with a
@@ -256,8 +256,8 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
     refine = None
     if bf16 and precision == "auto" and (checked or {}).get("precision") == "bfloat16-refined":
         refine, bf16 = checked["refine_margin"], False  # the earlier check's margin; no check here
-        info.update(precision="bfloat16-refined", bf16_max_logit_error=checked["bf16_max_logit_error"],
-                    refine_margin=refine, check_reused=True)
+        info.update(precision="bfloat16-refined", check_reused=True,
+                    **{k: checked[k] for k in ("bf16_max_logit_error", "bf16_max_spread", "refine_margin")})
     n_check = inference.bf16_check_count(n_all, vs.shape[0]) if bf16 else 0
     with tqdm(total=(vs.shape[0] + (n_check + 2 if bf16 else 0)) * n_all, desc="evaluate", unit="img",
               disable=not (progress and distributed.is_main()), leave=False) as bar:
@@ -265,18 +265,19 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
         done = 0
         if bf16:  # the clean images and the first UAPs' +v and -v, in both precisions
             check = torch.cat([torch.zeros(1, *shape), vs[:n_check]])
-            f32, b16, err, margins = inference.bf16_logit_error(model, x, check, bar=bar, **run)
-            ok, rate = inference.bf16_agrees(b16, torch.cat([clean_pred.view(1, -1), f32[1:]]))
-            info.update(bf16_agreement=rate, bf16_checked_on=int(b16.numel()), bf16_max_logit_error=err)
+            res = inference.bf16_logit_error(model, x, check, bar=bar, **run)
+            ok, rate = inference.bf16_agrees(res.b16, torch.cat([clean_pred.view(1, -1), res.f32[1:]]))
+            info.update(bf16_agreement=rate, bf16_checked_on=int(res.b16.numel()), bf16_max_logit_error=res.error,
+                        bf16_max_spread=res.spread)
             if precision == "auto":
-                margin = inference.refine_margin(err)
-                share = float((margins < margin).double().mean())
+                margin = inference.refine_margin(res.spread)
+                share = float((res.margins < margin).double().mean())
                 info.update(refine_margin=margin, refine_share_in_check=share)
                 if share <= inference.BF16_MAX_REFINED:
                     info["precision"], refine = "bfloat16-refined", margin
             elif ok:
                 info["precision"] = "bfloat16"
-            preds[:n_check] = f32[1:]
+            preds[:n_check] = res.f32[1:]
             done = n_check
         if precision == "bfloat16" and info["precision"] != "bfloat16":
             import warnings

@@ -10,16 +10,18 @@ tests compare them).
 bfloat16 comes in two forms (see :mod:`uapx.evaluate`).  *Refined* (the default where the device
 has bfloat16 arithmetic): every prediction is made in bfloat16 by a copy of the model with its
 BatchNorms folded into the convolutions, and those whose top-two logits are closer than a margin
-are made again in float32 by the model itself.  If no logit is off by more than ``E``, an argmax
-whose margin exceeds ``2 E`` is float32's; :func:`bf16_logit_error` measures the largest
-bfloat16 logit error on the run's own checked images and :func:`refine_margin` sets the margin
-for ``BF16_ERROR_SAFETY`` times it, so the predictions are float32's unless an image's error
-exceeds that many times the largest seen.  *Plain* (``precision="bfloat16"``): bfloat16 argmaxes,
+are made again in float32 by the model itself.  If no difference of two logits is off by more
+than ``D`` (the spread of a prediction's logit errors, largest minus smallest), an argmax whose
+top-two margin exceeds ``D`` is float32's; :func:`bf16_logit_error` measures the largest spread
+on the run's own checked images and :func:`refine_margin` sets the margin at
+``BF16_ERROR_SAFETY`` times it, so the predictions are float32's unless an image's spread exceeds
+that many times the largest seen.  *Plain* (``precision="bfloat16"``): bfloat16 argmaxes,
 used only after :func:`bf16_agrees` found that they agree with float32 often enough.
 """
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 import warnings
 import weakref
 
@@ -216,38 +218,51 @@ def predict_many(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device:
     return _gathered(out.view(vs.shape[0], x.shape[0]))
 
 
+class Check(NamedTuple):
+    """The bfloat16 check's result (:func:`bf16_logit_error`), tables ``(U, N)`` gathered over ranks."""
+
+    f32: torch.Tensor  # float32 predictions
+    b16: torch.Tensor  # bfloat16 predictions
+    error: float  # largest |bfloat16 logit - float32 logit|, every image and class
+    spread: float  # largest spread (max - min over classes) of one prediction's logit errors
+    margins: torch.Tensor  # bfloat16 top-two margins
+
+
 @torch.inference_mode()
 def bf16_logit_error(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device: str = "cpu",
-                     compile: bool = False, rows: int | None = None,
-                     bar: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+                     compile: bool = False, rows: int | None = None, bar: tqdm | None = None) -> Check:
     """The bfloat16 check: every prediction on ``clamp(x + vs[u], 0, 1)`` made in both precisions.
 
-    Returns ``(float32 predictions (U, N), bfloat16 predictions (U, N), E, margins (U, N))``: ``E``
-    the largest absolute difference of a bfloat16 logit from its float32 value, over every image
-    and class (and every torchrun rank), and the bfloat16 top-two margins (for
-    :func:`refine_margin`'s share).  ``bar`` is advanced twice per image.
+    Returns a :class:`Check`: both precisions' predictions, the largest logit error and the
+    largest spread of one prediction's logit errors over every image (and every torchrun rank),
+    and the bfloat16 top-two margins (for :func:`refine_margin`'s share).  The spread bounds how
+    far any difference of two logits, a top-two margin among them, moved.  ``bar`` is advanced
+    twice per image.
     """
     rows = rows or rows_per_forward(x.shape[1:])
     size = vs.shape[0] * x.shape[0]
     f32, b16 = torch.empty(size, dtype=torch.long), torch.empty(size, dtype=torch.long)
-    margin, err = torch.empty(size), 0.0
+    margin, err, spread = torch.empty(size), 0.0, 0.0
     for inp, flat in _passes(x, vs, rows, device):
         lf = _logits(model, inp, bf16=False, compile=compile)
         lb = _logits(model, inp, bf16=True, compile=compile)
         f32[flat], b16[flat], margin[flat] = lf.argmax(1).cpu(), lb.argmax(1).cpu(), _margins(lb).cpu()
-        err = max(err, float((lf - lb).abs().max())) if inp.shape[0] else err
+        if inp.shape[0]:
+            diff = lb - lf
+            err = max(err, float(diff.abs().max()))
+            spread = max(spread, float((diff.amax(1) - diff.amin(1)).max()))
         if bar is not None:
             bar.update(2 * inp.shape[0])
     shape = (vs.shape[0], x.shape[0])
-    return (_gathered(f32.view(shape)), _gathered(b16.view(shape)), distributed.all_reduce_scalar(err, "max"),
-            _gathered(margin.view(shape)))
+    return Check(_gathered(f32.view(shape)), _gathered(b16.view(shape)), distributed.all_reduce_scalar(err, "max"),
+                 distributed.all_reduce_scalar(spread, "max"), _gathered(margin.view(shape)))
 
 
-def refine_margin(max_error: float) -> float:
+def refine_margin(max_spread: float) -> float:
     """The top-two margin below which a refined-bfloat16 prediction is remade in float32:
-    ``2 * BF16_ERROR_SAFETY * max_error`` (an argmax cannot change while no logit moves by more
-    than half its margin)."""
-    return 2.0 * BF16_ERROR_SAFETY * max_error
+    ``BF16_ERROR_SAFETY * max_spread`` (an argmax cannot change while no difference of two logits
+    moves by more than its margin)."""
+    return BF16_ERROR_SAFETY * max_spread
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
