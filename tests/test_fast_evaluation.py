@@ -75,6 +75,51 @@ def test_small_forward_batches_give_the_same_predictions(setting):
     assert torch.equal(big[1], plain_predictions(model, x, uaps[1].vector))
 
 
+def test_passes_are_full_and_cover_every_pair(monkeypatch):
+    """Every (perturbation, image) pair lands in exactly one pass, as clamp(x + v, 0, 1), and every
+    pass of a chunk but its last holds exactly ``rows`` images (chunks of 70 images here)."""
+    g = torch.Generator().manual_seed(3)
+    x, vs = torch.rand(150, 1, 4, 4, generator=g), torch.randn(7, 1, 4, 4, generator=g)
+    monkeypatch.setattr(inference, "CHUNK_ELEMENTS", 70 * 16)
+    seen, sizes = torch.zeros(7 * 150, dtype=torch.long), []
+    for inp, flat in inference._passes(x, vs, 33, "cpu"):
+        sizes.append(inp.shape[0])
+        seen[flat] += 1
+        u, i = flat // 150, flat % 150
+        assert torch.equal(inp, (x[i] + vs[u]).clamp(0, 1))
+    assert bool((seen == 1).all())
+    per_chunk = [7 * 70, 7 * 70, 7 * 10]  # pairs in each chunk of images
+    expected = [min(33, p - a) for p in per_chunk for a in range(0, p, 33)]
+    assert sizes == expected
+
+
+def test_passes_side_by_side_give_the_serial_predictions(setting):
+    """Two single-threaded workers (two intra-op threads) predict what one thread predicts, refined
+    bfloat16 included, and torch's thread count comes back afterwards, after an error too."""
+    model, x, _, uaps = setting
+    vs = torch.stack([u.vector for u in uaps])
+    before = torch.get_num_threads()
+    runs = {}
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            with inference.side_by_side() as pool:
+                assert (pool is None) == (n == 1) and torch.get_num_threads() == 1
+            assert torch.get_num_threads() == n
+            stats: dict = {}
+            runs[n] = (inference.predict_many(model, x, vs, rows=60),
+                       inference.predict_many(model, x, vs, rows=60, bf16=True, refine_below=0.5, stats=stats), stats)
+        torch.set_num_threads(2)
+        with pytest.raises(ZeroDivisionError), inference.side_by_side() as pool:
+            pool.submit(lambda: 1 / 0).result()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(runs[2][0], runs[1][0]) and torch.equal(runs[2][0], inference.predict_many(model, x, vs))
+    assert torch.equal(runs[2][1], runs[1][1]) and runs[2][2] == runs[1][2]
+    assert runs[2][2]["predicted"] == vs.shape[0] * x.shape[0]
+
+
 def _evaluated(setting, precision):
     """``(evaluations, the run's evaluation info, float32 reference rates)`` of ``setting``'s UAPs."""
     model, x, y, uaps = setting
