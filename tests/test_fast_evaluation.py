@@ -113,6 +113,11 @@ def test_passes_side_by_side_give_the_serial_predictions(setting):
         with pytest.raises(ZeroDivisionError), inference.side_by_side() as pool:
             pool.submit(lambda: 1 / 0).result()
         assert torch.get_num_threads() == 2
+        torch.set_num_threads(4)  # more threads than MAX_WORKERS: the threads are shared out
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(inference, "MAX_WORKERS", 2)
+            with inference.side_by_side() as pool:
+                assert pool._max_workers == 2 and pool.submit(torch.get_num_threads).result() == 2
     finally:
         torch.set_num_threads(before)
     assert torch.equal(runs[2][0], runs[1][0]) and torch.equal(runs[2][0], inference.predict_many(model, x, vs))

@@ -55,6 +55,9 @@ MIN_ROWS = 8
 # Input elements of the images read at once (16 Mi floats = 64 MB: 5,461 CIFAR-10 images, 111 at
 # 224 x 224); the passes cut from a chunk are all full but its last.
 CHUNK_ELEMENTS = 1 << 24
+# Forward passes side by side on a CPU (side_by_side): at most this many at once, each holding its
+# pass's activations; beyond it, the threads are shared out among them.
+MAX_WORKERS = 8
 
 _PREPARED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
@@ -182,18 +185,21 @@ def _margins(logits: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def side_by_side(device: str = "cpu", *, compile: bool = False) -> Iterator[ThreadPoolExecutor | None]:
-    """A pool of single-threaded workers for forward passes, one per intra-op thread torch has
-    (``torch.get_num_threads()``), or None (passes run in the caller, with torch's threads): on a
-    GPU, with ``compile`` (Dynamo is not thread-safe) or with one thread.  While inside, torch runs
-    one thread per operation; the count is restored on exit.  Measured on 2 AMD EPYC cores,
-    bfloat16 passes of 334 MNIST / 85 CIFAR-10 images: 149 / 733 us per image with two intra-op
-    threads, 113 / 660 us side by side (214 / 1,157 us on one thread)."""
+    """A pool of workers for forward passes, one per intra-op thread torch has
+    (``torch.get_num_threads()``), at most :data:`MAX_WORKERS` (then each gets an equal share of
+    the threads), or None (passes run in the caller, with torch's threads): on a GPU, with
+    ``compile`` (Dynamo is not thread-safe) or with one thread.  While inside, the caller runs one
+    thread per operation; its count is restored on exit.  Measured on 2 AMD EPYC cores, bfloat16
+    passes of 334 MNIST / 85 CIFAR-10 images: 149 / 733 us per image with two intra-op threads,
+    113 / 660 us side by side (214 / 1,157 us on one thread)."""
     n = torch.get_num_threads()
     if n <= 1 or compile or str(device).startswith("cuda"):
         yield None
         return
+    workers = min(n, MAX_WORKERS)
     torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(n, thread_name_prefix="uapx-pass", initializer=torch.set_num_threads, initargs=(1,))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="uapx-pass", initializer=torch.set_num_threads,
+                              initargs=(n // workers,))
     try:
         yield pool
     finally:
