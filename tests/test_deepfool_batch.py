@@ -26,9 +26,11 @@ def _pset(x, y):
     return PerturbationSet(torch.zeros(n, x[0].numel()), y, y, y, tuple(x.shape[1:]), 4.0, "l2", "m", {})
 
 
-def reference_deepfool(model, x, *, norm="l2", max_iter=10, overshoot=0.02, num_candidates=10):
+def reference_deepfool(model, x, *, norm="l2", max_iter=10, overshoot=0.02, num_candidates=10, box=False):
     """Textbook DeepFool for one image ``(1, C, H, W)``, one gradient at a time (Moosavi-Dezfooli et
-    al. 2016, Algorithm 2; p = 2, or p = inf with the l1 dual norm and sign steps)."""
+    al. 2016, Algorithm 2; p = 2, or p = inf with the l1 dual norm and sign steps).  ``box``: each
+    gradient difference loses the components whose step (along it if ``f_k < f_orig``, against it
+    otherwise) would take a pixel at 0 below 0 or a pixel at 1 above 1."""
     with torch.no_grad():
         logits = model(x)[0]
     orig = int(logits.argmax())
@@ -43,6 +45,11 @@ def reference_deepfool(model, x, *, norm="l2", max_iter=10, overshoot=0.02, num_
         best = None
         for k in cands:
             w = torch.autograd.grad(out[k], xi, retain_graph=True)[0].flatten() - g0
+            if box:
+                up = 1.0 if float(out[k] - out[orig]) < 0 else -1.0  # the step goes along up * w
+                px = xi.detach().flatten()
+                w = w.clone()
+                w[((px <= 0) & (up * w < 0)) | ((px >= 1) & (up * w > 0))] = 0.0
             dual = float(w.norm()) if norm == "l2" else float(w.abs().sum())
             dist = abs(float((out[k] - out[orig]).detach())) / dual
             if best is None or dist < best[0]:
@@ -65,6 +72,30 @@ def test_batched_deepfool_is_per_image_deepfool(mnist, norm):
     with torch.no_grad():  # and each perturbation does what DeepFool promises: the prediction changes
         changed = model((xb + batched).clamp(0, 1)).argmax(1) != model(xb).argmax(1)
     assert changed.float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_box_aware_deepfool_is_the_reference_and_stays_in_the_box(mnist, norm):
+    from uapx_plugins.deepfool_uap import deepfool_batch
+
+    model, x, _ = mnist
+    xb = x[12:24]
+    boxed = deepfool_batch(model, xb, max_iter=10, norm=norm, box=True)
+    single = torch.cat([reference_deepfool(model, xb[i:i + 1], norm=norm, box=True) for i in range(12)])
+    torch.testing.assert_close(boxed, single, atol=1e-5, rtol=1e-4)
+    # a step pushes no saturated pixel (MNIST's background at 0) further out (later steps start
+    # where earlier ones moved pixels inside, so the first is the one to check)
+    first = deepfool_batch(model, xb, max_iter=1, norm=norm, box=True)
+    assert bool((first[xb <= 0] >= 0).all()) and bool((first[xb >= 1] <= 0).all())
+    assert bool((first[xb <= 0] > 0).any())  # it moves background pixels: the steps are not all 0 there
+    assert bool((xb <= 0).any())  # the images have such pixels: the check above is not empty
+    # and no step is lost to the clamp: within 3 iterations it changes more predictions than the
+    # classic algorithm, whose steps on saturated pixels the clamp undoes
+    three = {box: deepfool_batch(model, x[:200], max_iter=3, norm=norm, box=box) for box in (False, True)}
+    with torch.no_grad():
+        clean = model(x[:200]).argmax(1)
+        changed = {box: int((model((x[:200] + r).clamp(0, 1)).argmax(1) != clean).sum()) for box, r in three.items()}
+    assert changed[True] > changed[False], changed
 
 
 def test_batch_of_one_is_the_sequential_loop(mnist):
