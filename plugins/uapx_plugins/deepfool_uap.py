@@ -219,17 +219,11 @@ class DeepFoolUAP(UAPMethod):
         history = []
         for p in range(self.passes):
             order = torch.randperm(x.shape[0], generator=g)[:n]
+            desc = f"deepfool-uap eps {eps:g} pass {p + 1}"
             if self.batch is not None:
-                v = self._batched_pass(model, x, clean, order, v, eps, norm, f"deepfool-uap eps {eps:g} pass {p + 1}")
-            for i in tqdm(order.tolist() if self.batch is None else [],
-                          desc=f"deepfool-uap eps {eps:g} pass {p + 1}", leave=False, unit="img",
-                          disable=not distributed.is_main()):
-                xi = (x[i:i + 1].to(dev) + v).clamp(0, 1)
-                with torch.no_grad():
-                    out = model(xi)
-                if bool(self._reached(out.argmax(1), clean[i:i + 1])):
-                    continue
-                v = project(v + self._deepfool(model, xi, norm, False, logits=out), eps, norm)
+                v = self._batched_pass(model, x, clean, order, v, eps, norm, desc)
+            else:
+                v = self._sequential_pass(model, x, clean, order, v, eps, norm, desc)
             if parallel:  # the mean of the ranks' iterates, back in the eps-ball, the same on every rank
                 v = distributed.all_reduce_(v.contiguous()) / distributed.world_size()
                 v = project(v, eps, norm)
@@ -244,6 +238,17 @@ class DeepFoolUAP(UAPMethod):
                 break
         key = "fooling_rate_per_pass" if self.target_class is None else "targeted_success_per_pass"
         return [Direction(v.reshape(-1).cpu(), meta={key: history})]
+
+    def _sequential_pass(self, model, x, clean, order, v, eps, norm, desc):
+        """One pass of the sequential algorithm over the images ``order``; returns the new ``v``."""
+        for i in tqdm(order.tolist(), desc=desc, leave=False, unit="img", disable=not distributed.is_main()):
+            xi = (x[i:i + 1].to(v.device) + v).clamp(0, 1)
+            with torch.no_grad():
+                out = model(xi)
+            if bool(self._reached(out.argmax(1), clean[i:i + 1])):
+                continue
+            v = project(v + self._deepfool(model, xi, norm, False, logits=out), eps, norm)
+        return v
 
     def _batched_pass(self, model, x, clean, order, v, eps, norm, desc):
         """One pass of the batched variant over the images ``order``; returns the new ``v``."""
