@@ -117,7 +117,7 @@ def test_passes_side_by_side_give_the_serial_predictions(setting):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(inference, "MAX_WORKERS", 2)
             with inference.side_by_side() as pool:
-                assert pool._max_workers == 2 and pool.submit(torch.get_num_threads).result() == 2
+                assert pool.workers == 2 and pool.submit(torch.get_num_threads).result() == 2
     finally:
         torch.set_num_threads(before)
     assert torch.equal(runs[2][0], runs[1][0]) and torch.equal(runs[2][0], inference.predict_many(model, x, vs))

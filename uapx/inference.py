@@ -130,6 +130,13 @@ def prepared_model(model: nn.Module, *, compile: bool = False, bf16: bool = Fals
     return cache[key]
 
 
+def _prepare(model: nn.Module, copies: Iterable[tuple[bool, bool]]) -> None:
+    """Make the prepared copies ``(bf16, compile)`` of ``model`` here, before any worker of
+    :func:`side_by_side` needs one (workers would otherwise race to build them)."""
+    for bf16, compile in copies:
+        prepared_model(model, compile=compile, bf16=bf16)
+
+
 def _logits(original: nn.Module, xb: torch.Tensor, *, bf16: bool, compile: bool) -> torch.Tensor:
     """Float32 logits ``(B, K)`` of ``xb`` (computed in bfloat16 where ``bf16``, by the folded
     copy); a compiled model that fails at run time is replaced by the eager one (one warning)."""
@@ -183,9 +190,19 @@ def _margins(logits: torch.Tensor) -> torch.Tensor:
     return top[:, 0] - top[:, -1] if top.shape[1] > 1 else torch.full_like(top[:, 0], float("inf"))
 
 
+class PassPool(ThreadPoolExecutor):
+    """The workers of :func:`side_by_side`: ``workers`` threads, each running torch on ``threads``
+    intra-op threads."""
+
+    def __init__(self, workers: int, threads: int) -> None:
+        super().__init__(workers, thread_name_prefix="uapx-pass", initializer=torch.set_num_threads,
+                         initargs=(threads,))
+        self.workers = workers
+
+
 @contextlib.contextmanager
-def side_by_side(device: str = "cpu", *, compile: bool = False) -> Iterator[ThreadPoolExecutor | None]:
-    """A pool of workers for forward passes, one per intra-op thread torch has
+def side_by_side(device: str = "cpu", *, compile: bool = False) -> Iterator[PassPool | None]:
+    """A pool of workers (:class:`PassPool`) for forward passes, one per intra-op thread torch has
     (``torch.get_num_threads()``), at most :data:`MAX_WORKERS` (then each gets an equal share of
     the threads), or None (passes run in the caller, with torch's threads): on a GPU, with
     ``compile`` (Dynamo is not thread-safe) or with one thread.  While inside, the caller runs one
@@ -198,8 +215,7 @@ def side_by_side(device: str = "cpu", *, compile: bool = False) -> Iterator[Thre
         return
     workers = min(n, MAX_WORKERS)
     torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="uapx-pass", initializer=torch.set_num_threads,
-                              initargs=(n // workers,))
+    pool = PassPool(workers, n // workers)
     try:
         yield pool
     finally:
@@ -207,7 +223,7 @@ def side_by_side(device: str = "cpu", *, compile: bool = False) -> Iterator[Thre
         torch.set_num_threads(n)
 
 
-def _submit(pool: ThreadPoolExecutor | None, fn: Callable, *args: Any) -> Future:
+def _submit(pool: PassPool | None, fn: Callable, *args: Any) -> Future:
     """``fn(*args)`` in ``pool`` under inference mode, or here and now without one."""
     def job():
         with torch.inference_mode():
@@ -220,10 +236,10 @@ def _submit(pool: ThreadPoolExecutor | None, fn: Callable, *args: Any) -> Future
     return done
 
 
-def _in_order(pool: ThreadPoolExecutor | None, fn: Callable, items: Iterable) -> Iterator[tuple[Any, Any]]:
+def _in_order(pool: PassPool | None, fn: Callable, items: Iterable) -> Iterator[tuple[Any, Any]]:
     """``(item, fn(item))`` for each item, in order; with ``pool``, up to two per worker in flight
     (so at most that many passes' inputs are held at once)."""
-    ahead = 2 * max(getattr(pool, "_max_workers", 1), 1)
+    ahead = 2 * (pool.workers if pool is not None else 1)
     waiting: deque = deque()
     for item in items:
         waiting.append((item, _submit(pool, fn, item)))
@@ -253,9 +269,7 @@ def predict_many(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device:
     """
     rows = rows or rows_per_forward(x.shape[1:])
     refining = bf16 and refine_below is not None
-    prepared_model(model, compile=compile, bf16=bf16)  # the copies, made here before any worker needs them
-    if refining:
-        prepared_model(model, bf16=False)
+    _prepare(model, [(bf16, compile)] + ([(False, False)] if refining else []))
     out = torch.empty(vs.shape[0] * x.shape[0], dtype=torch.long)
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images, positions) to remake in float32
     remakes: list[tuple[torch.Tensor, Future]] = []  # (positions, their float32 predictions)
@@ -267,7 +281,7 @@ def predict_many(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device:
     def exact(imgs: torch.Tensor) -> torch.Tensor:
         return _logits(model, imgs, bf16=False, compile=False).argmax(1).cpu()
 
-    def remake(pool: ThreadPoolExecutor | None) -> None:
+    def remake(pool: PassPool | None) -> None:
         if pending:
             imgs, at = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
             remakes.append((at, _submit(pool, exact, imgs)))
@@ -316,8 +330,7 @@ def bf16_logit_error(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, dev
     size = vs.shape[0] * x.shape[0]
     f32, b16 = torch.empty(size, dtype=torch.long), torch.empty(size, dtype=torch.long)
     margin, err, spread = torch.empty(size), 0.0, 0.0
-    prepared_model(model, compile=compile, bf16=False)
-    prepared_model(model, compile=compile, bf16=True)
+    _prepare(model, [(False, compile), (True, compile)])
 
     def both(item: tuple[torch.Tensor, torch.Tensor]) -> tuple:
         lf = _logits(model, item[0], bf16=False, compile=compile)
