@@ -92,7 +92,7 @@ def plain_script(model, x, y, x_held, *, eps, steps, step_size, k=K, draws=DRAWS
 
 
 # impl varies fastest: each pair runs back to back, so that the ratio is not at the mercy of this
-# virtual machine's drift between the first and the last test (the plain CIFAR-10 script took 84.7-105.5 s
+# virtual machine's drift between the first and the last test (the plain CIFAR-10 script took 90.4-105.5 s
 # in one afternoon)
 @pytest.mark.parametrize("impl", ["plain", "uapx"])
 @pytest.mark.parametrize("dataset", list(CASES))
