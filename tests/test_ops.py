@@ -196,6 +196,22 @@ def test_torch_compile() -> None:
     torch.testing.assert_close(x, expected, rtol=RTOL, atol=ATOL)
 
 
+def test_kernel_devices_marked_constant_without_importing_dynamo() -> None:
+    """uapx marks ``_kernel_devices`` for torch.compile the way the public decorator does, by hand,
+    so that importing uapx (every command) does not import torch._dynamo (1.6 s); test_torch_compile
+    shows the mark works, this that it is still all the decorator does and that the import stays out."""
+    import subprocess
+
+    def probe() -> int:
+        return 0
+
+    assert torch.compiler.assume_constant_result(probe) is probe
+    assert vars(probe) == {"_dynamo_marked_constant": True} == vars(ops._kernel_devices)
+    code = "import sys, uapx.ops, uapx.pipeline, uapx.cli; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_reference_fallback(reference_only: None) -> None:
     assert ops.backend() == "reference" and ops.backend("cpu") == "reference"
     assert ops.NO_EXTENSION_ENV in ops.backend_status()
