@@ -6,8 +6,9 @@ fit image (analyze's default: a seeded draw of training images); the ``average``
 top-``k`` ``svd`` UAPs, global and per class, scaled to eps; every UAP evaluated as +v and -v on
 the fit images and on as many held-out test images (the sign chosen on the fit images); ``draws``
 random directions of the same norm on both.  One
-group per model (the natural MNIST CNN and the natural CIFAR-10 resnet-small of the zoo), one
-timed run per implementation:
+group per case (the natural MNIST CNN and the natural CIFAR-10 resnet-small of the zoo, small
+enough for the suite's 10 minutes; with ``UAPX_BENCH_LARGE=1`` also resnet-small at analyze's
+own defaults), one timed run per implementation:
 
 - ``plain``: torchattacks' ``PGDL2`` and a loop over the perturbations in batches, the script a
   researcher writes (``plain_script`` below);
@@ -34,8 +35,12 @@ import uapx.models  # noqa: E402
 from uapx.pipeline import AnalyzeConfig, analyze  # noqa: E402
 
 PREPARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "prepare.py"
-# (dataset, model, images, PGD steps): sized so that the whole suite stays within 10 minutes
-CASES = {"mnist": ("zoo:mnist-natural", 500, 10), "cifar10": ("zoo:cifar10-natural", 200, 5)}
+# case -> (dataset, model, images, PGD steps): the first two sized so that the whole suite stays
+# within 10 minutes; the third is analyze's own defaults on CIFAR-10 (1,000 fit and 1,000 held-out
+# images, 20 steps; about 15 minutes, opt-in: UAPX_BENCH_LARGE=1)
+CASES = {"mnist": ("mnist", "zoo:mnist-natural", 500, 10), "cifar10": ("cifar10", "zoo:cifar10-natural", 200, 5),
+         "cifar10-defaults": ("cifar10", "zoo:cifar10-natural", 1000, 20)}
+LARGE = {"cifar10-defaults"}
 K, DRAWS, BATCH = 5, 5, 250
 RESULTS: dict[str, dict[str, dict[str, float]]] = {}
 
@@ -95,9 +100,9 @@ def plain_script(model, x, y, x_held, *, eps, steps, step_size, k=K, draws=DRAWS
 # virtual machine's drift between the first and the last test (the plain CIFAR-10 script took 90.4-105.5 s
 # in one afternoon)
 @pytest.mark.parametrize("impl", ["plain", "uapx"])
-@pytest.mark.parametrize("dataset", list(CASES))
-def test_analyze_average_svd(benchmark, data_root, tmp_path, dataset, impl):
-    name, n, steps = CASES[dataset]
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.large) if c in LARGE else c for c in CASES])
+def test_analyze_average_svd(benchmark, data_root, tmp_path, case, impl):
+    dataset, name, n, steps = CASES[case]
     eps = AnalyzeConfig(dataset=dataset).resolved().eps
     config = AnalyzeConfig(dataset=dataset, data_root=str(data_root), model=name, plugins=["average", "svd"],
                            steps=steps, n_samples=n, k=K, random_draws=DRAWS, batch_size=BATCH,
@@ -120,13 +125,13 @@ def test_analyze_average_svd(benchmark, data_root, tmp_path, dataset, impl):
         rates = {k: v["fooling_rate"] for k, v in evals.items()}
         benchmark.extra_info["evaluation"] = res.report["uaps"]["evaluation"]
         benchmark.extra_info["timing_seconds"] = res.report["timing_seconds"]
-    RESULTS.setdefault(dataset, {})[impl] = rates
-    both = RESULTS[dataset]
+    RESULTS.setdefault(case, {})[impl] = rates
+    both = RESULTS[case]
     if len(both) == 2:  # the second of the pair: the two did the same work
         for uap in ("average", "svd:v1", "svd:v2"):
             a, b = both["plain"][uap], both["uapx"][uap]
             p = (a + b) / 2
             noise = 3 * math.sqrt(2 * max(p * (1 - p), 1 / n) / n) + 1 / n
-            assert abs(a - b) <= noise, (dataset, uap, a, b)
+            assert abs(a - b) <= noise, (case, uap, a, b)
         assert len([k for k in both["plain"] if not k.startswith("random")]) == \
             len(both["uapx"]), "the same UAPs"
