@@ -108,7 +108,7 @@ def test_passes_side_by_side_give_the_serial_predictions(setting):
             assert torch.get_num_threads() == n
             stats: dict = {}
             runs[n] = (inference.predict_many(model, x, vs, rows=60),
-                       inference.predict_many(model, x, vs, rows=60, bf16=True, refine_below=0.5, stats=stats), stats)
+                       inference.predict_many(model, x, vs, rows=60, ladder=[("bfloat16", 0.5)], stats=stats), stats)
         torch.set_num_threads(2)
         with pytest.raises(ZeroDivisionError), inference.side_by_side() as pool:
             pool.submit(lambda: 1 / 0).result()
@@ -136,14 +136,21 @@ def _evaluated(setting, precision):
 def test_auto_precision_gives_the_float32_numbers(setting):
     uaps = setting[3]
     evals, info, ref = _evaluated(setting, "auto")
-    if inference.bf16_supported():
-        assert info["precision"] == "bfloat16-refined"
+    rungs = [p for p, ok in (("int8", inference.int8_supported()), ("bfloat16", inference.bf16_supported())) if ok]
+    assert [r[0] for r in info.get("ladder", [])] == rungs
+    assert info["precision"] == (f"{rungs[0]}-refined" if rungs else "float32")
+    if "bfloat16" in rungs:
         assert info["refine_margin"] == pytest.approx(inference.refine_margin(info["bf16_max_spread"]))
         assert 0 < info["bf16_max_spread"] <= 2 * info["bf16_max_logit_error"]
         assert info["bf16_max_logit_error"] > 0 and 0 < info["refined"] < info["refined_share"] * 1e9
         assert info["refined_share"] <= inference.BF16_MAX_REFINED
-    else:
-        assert info["precision"] == "float32"
+    if "int8" in rungs:  # int8 errs more than bfloat16, and sends more predictions up
+        assert info["int8_refine_margin"] == pytest.approx(inference.refine_margin(info["int8_max_spread"]))
+        assert info["int8_max_spread"] > info.get("bf16_max_spread", 0)
+        assert info["int8_refine_share_in_check"] <= inference.INT8_MAX_REFINED
+        assert info["remade"][rungs[1] if len(rungs) > 1 else "float32"] > 0
+    if rungs:
+        assert info["remade"]["float32"] == info["refined"]
     for u in uaps:  # refined bfloat16 gives float32's predictions: the same rates to the image
         assert (evals[u.name].plus.fooling_rate, evals[u.name].minus.fooling_rate,
                 evals[u.name].plus.accuracy) == ref[u.name]
@@ -170,13 +177,14 @@ def test_refined_bf16_remakes_every_disagreement_on_cifar10(data_root):
     g = torch.Generator().manual_seed(5)
     vs = torch.randn(12, 3, 32, 32, generator=g)
     vs = vs * (1.0 / vs.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)  # L2 1: larger than the default eps 0.5
-    check = inference.bf16_logit_error(model, x, vs[:6])  # the check, on 1,800
-    assert 0 < check.error < 1 and 0 < check.spread <= 2 * check.error
+    check = inference.logit_errors(model, x, vs[:6])  # the check, on 1,800
+    rung = check.rungs["bfloat16"]
+    assert 0 < rung.error < 1 and 0 < rung.spread <= 2 * rung.error
     assert torch.equal(check.f32, inference.predict_many(model, x, vs[:6]))
-    margin = inference.refine_margin(check.spread)
+    margin = inference.refine_margin(rung.spread)
     stats: dict = {}
-    refined = inference.predict_many(model, x, vs[6:], bf16=True, refine_below=margin, stats=stats)
-    plain = inference.predict_many(model, x, vs[6:], bf16=True)
+    refined = inference.predict_many(model, x, vs[6:], ladder=[("bfloat16", margin)], stats=stats)
+    plain = inference.predict_many(model, x, vs[6:], precision="bfloat16")
     exact = inference.predict_many(model, x, vs[6:])
     assert torch.equal(refined, exact)
     assert stats["predicted"] == exact.numel() and 0 < stats["refined"] < 0.5 * exact.numel()
@@ -189,8 +197,8 @@ def test_check_spread_against_a_plain_loop(setting):
     one perturbation at a time (float32 eager model against the bfloat16 folded copy)."""
     model, x, _, uaps = setting
     vs = torch.stack([u.vector for u in uaps[:3]])
-    check = inference.bf16_logit_error(model, x, vs, rows=70)
-    folded = inference.prepared_model(model, bf16=True)
+    check = inference.logit_errors(model, x, vs, rows=70).rungs["bfloat16"]
+    folded = inference.prepared_model(model, precision="bfloat16")
     err = spread = 0.0
     with torch.no_grad():
         for v in vs:
@@ -312,12 +320,13 @@ def test_a_second_evaluation_reuses_the_first_check(setting, monkeypatch):
     model, x, y, uaps = setting
     _, first, ref = _evaluated(setting, "auto")
     calls = []
-    monkeypatch.setattr(inference, "bf16_logit_error", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(inference, "logit_errors", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(inference, "calibrate_int8", lambda *a, **k: calls.append(1))
     evals, extra = evaluate_many(model, x, y, uaps, num_classes=10, draws=2, precision="auto", progress=False,
                                  checked=first)
     info = extra["evaluation"]
     assert not calls and info["check_reused"] and info["refine_margin"] == first["refine_margin"]
-    assert info["precision"] == "bfloat16-refined" and info["refined"] > 0
+    assert info["ladder"] == first["ladder"] and info["precision"] == first["precision"] and info["refined"] > 0
     for u in uaps:
         assert (evals[u.name].plus.fooling_rate, evals[u.name].minus.fooling_rate,
                 evals[u.name].plus.accuracy) == ref[u.name]

@@ -204,6 +204,10 @@ def baseline_stats(eps: float, preds: list[torch.Tensor] | torch.Tensor, *, clea
     return out
 
 
+# the prefix of a cheaper precision's entries in the evaluation info
+_TAGS = {"bfloat16": "bf16", "int8": "int8"}
+
+
 def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list[UAP], *, num_classes: int,
                   draws: int = 5, seed: int = 0, batch_size: int = 500, device: str = "cpu",
                   clean_pred: torch.Tensor | None = None, precision: str = "float32", compile: bool = False,
@@ -214,19 +218,23 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
     Every perturbation (+v and -v of each UAP, the random draws) goes through one batched
     :func:`uapx.inference.predict_many` (many perturbations per forward pass, channels-last,
     inference mode); the clean predictions are computed once (or passed in).  ``precision``:
-    ``"float32"`` (eager float32 numbers); ``"auto"``: refined bfloat16 where the device has
-    bfloat16 arithmetic (:mod:`uapx.inference`: bfloat16 predictions, those with a top-two margin
-    under :func:`~uapx.inference.refine_margin` of the check's largest logit-error spread remade in
-    float32, so that they are float32's), provided at most ``BF16_MAX_REFINED`` of the checked
-    predictions need remaking, else float32; ``"bfloat16"``: plain bfloat16 autocast where its
-    predictions agree with float32 on at least 99.9 % of the checked ones, else float32 with a
-    warning.  The check computes the clean images and the first UAPs' +v and -v images in both
-    precisions (as many UAPs as it takes for :data:`uapx.inference.BF16_MIN_CHECKED`
-    predictions).  ``batch_size`` is only used for the clean predictions when they are not given.  ``signs`` (UAP name -> +1/-1) fixes the sign reported
-    for those UAPs instead of choosing it on these images (held-out evaluation).  ``checked``: the
-    ``"evaluation"`` entry of an earlier call on the same model and UAPs (the fit images); where it
-    chose refined bfloat16, its margin is used here without a check of its own (held-out images:
-    one check per run), recorded as ``check_reused``.
+    ``"float32"`` (eager float32 numbers); ``"auto"``: refined evaluation (:mod:`uapx.inference`)
+    on a ladder of the cheaper precisions the device has, cheapest first (int8 where the CPU has
+    VNNI, :mod:`uapx.quantized`, its copy calibrated on the first of ``x``; bfloat16 where it has
+    bfloat16 arithmetic), float32 on top: a prediction whose top-two margin on a rung is under
+    :func:`~uapx.inference.refine_margin` of that rung's largest logit-error spread in the check
+    is made again on the next, so that the predictions are float32's; a rung is kept where at most
+    ``INT8_MAX_REFINED`` (int8) or ``BF16_MAX_REFINED`` (bfloat16) of the checked predictions
+    would go up from it, and with no rung the evaluation is float32; ``"bfloat16"``: plain
+    bfloat16 autocast where its predictions agree with float32 on at least 99.9 % of the checked
+    ones, else float32 with a warning.  The check computes the clean images and the first UAPs'
+    +v and -v images in float32 and in every cheaper precision (as many UAPs as it takes for
+    :data:`uapx.inference.BF16_MIN_CHECKED` predictions).  ``batch_size`` is only used for the
+    clean predictions when they are not given.  ``signs`` (UAP name -> +1/-1) fixes the sign
+    reported for those UAPs instead of choosing it on these images (held-out evaluation).
+    ``checked``: the ``"evaluation"`` entry of an earlier call on the same model and UAPs (the fit
+    images); where it chose a ladder, its rungs and margins are used here without a check of their
+    own (held-out images: one check per run), recorded as ``check_reused``.
 
     The random directions have each UAP's size, norm and target: one set of ``draws`` per
     ``(eps, norm, target)`` the UAPs use, keyed by :func:`baseline_key`.
@@ -252,31 +260,45 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
     info: dict = {"precision": "float32", "rows_per_forward": inference.rows_per_forward(shape),
                   "compiled": bool(compile)}
     run = dict(device=device, compile=compile)
-    bf16 = precision != "float32" and inference.bf16_supported(device)
-    refine = None
-    if bf16 and precision == "auto" and (checked or {}).get("precision") == "bfloat16-refined":
-        refine, bf16 = checked["refine_margin"], False  # the earlier check's margin; no check here
-        info.update(precision="bfloat16-refined", check_reused=True,
-                    **{k: checked[k] for k in ("bf16_max_logit_error", "bf16_max_spread", "refine_margin")})
-    n_check = inference.bf16_check_count(n_all, vs.shape[0]) if bf16 else 0
-    with tqdm(total=(vs.shape[0] + (n_check + 2 if bf16 else 0)) * n_all, desc="evaluate", unit="img",
-              disable=not (progress and distributed.is_main()), leave=False) as bar:
+    # the cheaper precisions to check, cheapest first: int8 only for refined evaluation
+    cheap = [p for p, ok in (("int8", precision == "auto" and inference.int8_supported(device)),
+                             ("bfloat16", precision != "float32" and inference.bf16_supported(device))) if ok]
+    ladder: list[tuple[str, float]] = []
+    earlier = [tuple(r) for r in (checked or {}).get("ladder", [])]
+    if precision == "auto" and earlier and all(p in cheap for p, _ in earlier) \
+            and ("int8" not in dict(earlier) or inference.has_int8(model)):
+        ladder, cheap = earlier, []  # the earlier check's rungs and margins; no check here
+        info.update(precision=checked["precision"], check_reused=True,
+                    **{k: v for k, v in checked.items() if k == "ladder" or "max_" in k or "refine_margin" in k})
+    if "int8" in cheap and not inference.calibrate_int8(model, x):
+        cheap.remove("int8")  # cannot be quantized: no int8 rung
+    n_check = inference.bf16_check_count(n_all, vs.shape[0]) if cheap else 0
+    with tqdm(total=(vs.shape[0] + len(cheap) * (n_check + 1) + (1 if cheap else 0)) * n_all, desc="evaluate",
+              unit="img", disable=not (progress and distributed.is_main()), leave=False) as bar:
         preds = torch.empty(vs.shape[0], n_all, dtype=torch.long)
         done = 0
-        if bf16:  # the clean images and the first UAPs' +v and -v, in both precisions
+        if cheap:  # the clean images and the first UAPs' +v and -v, in float32 and every cheaper precision
             check = torch.cat([torch.zeros(1, *shape), vs[:n_check]])
-            res = inference.bf16_logit_error(model, x, check, bar=bar, **run)
-            ok, rate = inference.bf16_agrees(res.b16, torch.cat([clean_pred.view(1, -1), res.f32[1:]]))
-            info.update(bf16_agreement=rate, bf16_checked_on=int(res.b16.numel()), bf16_max_logit_error=res.error,
-                        bf16_max_spread=res.spread)
+            res = inference.logit_errors(model, x, check, precisions=cheap, bar=bar, **run)
+            for p, rung in res.rungs.items():
+                tag = _TAGS[p]
+                info.update({f"{tag}_max_logit_error": rung.error, f"{tag}_max_spread": rung.spread})
+            if "bfloat16" in res.rungs:
+                ok, rate = inference.bf16_agrees(res.rungs["bfloat16"].pred,
+                                                 torch.cat([clean_pred.view(1, -1), res.f32[1:]]))
+                info.update(bf16_agreement=rate, bf16_checked_on=int(res.f32.numel()))
+                if precision == "bfloat16" and ok:
+                    info["precision"] = "bfloat16"
             if precision == "auto":
-                margin = inference.refine_margin(res.spread)
-                share = float((res.margins < margin).double().mean())
-                info.update(refine_margin=margin, refine_share_in_check=share)
-                if share <= inference.BF16_MAX_REFINED:
-                    info["precision"], refine = "bfloat16-refined", margin
-            elif ok:
-                info["precision"] = "bfloat16"
+                for p, rung in res.rungs.items():
+                    margin = inference.refine_margin(rung.spread)
+                    share = float((rung.margins < margin).double().mean())
+                    key = "refine_margin" if p == "bfloat16" else f"{_TAGS[p]}_refine_margin"
+                    info.update({key: margin, key.replace("margin", "share_in_check"): share})
+                    if share <= (inference.INT8_MAX_REFINED if p == "int8" else inference.BF16_MAX_REFINED):
+                        ladder.append((p, margin))
+                if ladder:
+                    info.update(precision=f"{ladder[0][0]}-refined", ladder=[list(r) for r in ladder])
             preds[:n_check] = res.f32[1:]
             done = n_check
         if precision == "bfloat16" and info["precision"] != "bfloat16":
@@ -285,12 +307,13 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
             warnings.warn("uapx: bfloat16 evaluation is unsupported here or disagrees with float32 "
                           f"(agreement {info.get('bf16_agreement', 'n/a')}); evaluating in float32", stacklevel=2)
         stats: dict = {}
-        preds[done:] = inference.predict_many(model, x, vs[done:], bf16=info["precision"] != "float32",
-                                              refine_below=refine, bar=bar, stats=stats, **run)
-        if refine is not None:
-            refined = distributed.all_reduce_scalar(float(stats.get("refined", 0)))
-            predicted = distributed.all_reduce_scalar(float(stats.get("predicted", 0)))
-            info.update(refined=int(refined), refined_share=refined / max(predicted, 1.0))
+        preds[done:] = inference.predict_many(model, x, vs[done:], precision=info["precision"].split("-")[0],
+                                              ladder=ladder, bar=bar, stats=stats, **run)
+        if ladder:
+            remade = {p: int(distributed.all_reduce_scalar(float(n))) for p, n in stats["remade"].items()}
+            predicted = distributed.all_reduce_scalar(float(stats["predicted"]))
+            info.update(refined=remade["float32"], refined_share=remade["float32"] / max(predicted, 1.0),
+                        remade=remade)
     evals = {u.name: uap_evaluation(u, preds[2 * i], preds[2 * i + 1], clean_pred=clean_pred, y=y,
                                     num_classes=num_classes, sign=(signs or {}).get(u.name))
              for i, u in enumerate(uaps)}

@@ -8,16 +8,18 @@ convolutions on CPUs), optionally under bfloat16 autocast and optionally through
 thread each (:func:`side_by_side`): a cache-sized pass gains little from a second thread.  The
 float32 path gives the predictions of plain eager float32 batches (the tests compare them).
 
-bfloat16 comes in two forms (see :mod:`uapx.evaluate`).  *Refined* (the default where the device
-has bfloat16 arithmetic): every prediction is made in bfloat16 by a copy of the model with its
-BatchNorms folded into the convolutions, and those whose top-two logits are closer than a margin
-are made again in float32 by the model itself.  If no difference of two logits is off by more
-than ``D`` (the spread of a prediction's logit errors, largest minus smallest), an argmax whose
-top-two margin exceeds ``D`` is float32's; :func:`bf16_logit_error` measures the largest spread
-on the run's own checked images and :func:`refine_margin` sets the margin at
-``BF16_ERROR_SAFETY`` times it, so the predictions are float32's unless an image's spread exceeds
-that many times the largest seen.  *Plain* (``precision="bfloat16"``): bfloat16 argmaxes,
-used only after :func:`bf16_agrees` found that they agree with float32 often enough.
+Cheaper arithmetic comes in two forms (see :mod:`uapx.evaluate`).  *Refined* (the default): a
+ladder of rungs, cheapest first, that ends in float32: int8 (:mod:`uapx.quantized`, where the CPU
+has VNNI), bfloat16 (where the device has bfloat16 arithmetic; a copy of the model with its
+BatchNorms folded into the convolutions), float32 (the model itself).  Every prediction is made
+on the first rung, and those whose top-two logits are closer than the rung's margin go up one
+rung and are made again.  If no difference of two logits is off by more than ``D`` (the spread of
+a prediction's logit errors against float32, largest minus smallest), an argmax whose top-two
+margin exceeds ``D`` is float32's; :func:`logit_errors` measures each rung's largest spread on
+the run's own checked images and :func:`refine_margin` sets its margin at ``BF16_ERROR_SAFETY``
+times it, so the predictions are float32's unless an image's spread exceeds that many times the
+largest seen.  *Plain* (``precision="bfloat16"``): bfloat16 argmaxes, used only after
+:func:`bf16_agrees` found that they agree with float32 often enough.
 """
 from __future__ import annotations
 
@@ -27,15 +29,17 @@ import warnings
 import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, quantized
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+# The rungs refined evaluation may start from, cheapest first; float32, the model itself, ends every ladder.
+RUNGS = ("int8", "bfloat16")
 BF16_MIN_AGREEMENT = 0.999  # bfloat16 evaluation only where its predictions agree with float32 this often
 # ... on at least this many checked predictions (the first perturbations' images, as many as it takes):
 # on fewer a single disagreement already fails the bar, so a model that disagrees 2 times in 1,000
@@ -45,6 +49,12 @@ BF16_MIN_CHECKED = 3000
 # predictions that may need remaking in float32 for refined bfloat16 to be used at all.
 BF16_ERROR_SAFETY = 2.0
 BF16_MAX_REFINED = 0.5
+# The int8 rung is used where at most this share of the checked predictions would go up to the
+# next rung: a pass costs 0.6 of a bfloat16 one (resnet-small; 0.5 for the MNIST CNN), so beyond
+# a share of 0.4 it costs more than it saves; 0.3 leaves room for the float32 remakes it also sends.
+INT8_MAX_REFINED = 0.3
+# The int8 copy's activation ranges are observed on at most this many clean images.
+INT8_CALIBRATION_IMAGES = 256
 # Input elements per forward pass (256 Ki floats = 1 MB): rows = this // pixels, at least MIN_ROWS.
 # Measured on 2 AMD EPYC (Zen 4) cores, one thread, per image, channels-last: the MNIST CNN 92 us
 # (bfloat16) and 200 us (float32) at 128-256 rows against 182 and 319 us at 4,096; resnet-small
@@ -92,26 +102,40 @@ def _fold_batchnorm(model: nn.Module) -> nn.Module:
         return model
 
 
-def _copy_name(bf16: bool) -> str:
+def _copy_name(precision: str) -> str:
     """The cache key of a model's eager inference copy: the folded one for bfloat16 passes."""
-    return "bf16" if bf16 else "eager"
+    return {"float32": "eager", "bfloat16": "bf16", "int8": "int8"}[precision]
 
 
-def prepared_model(model: nn.Module, *, compile: bool = False, bf16: bool = False) -> nn.Module:
-    """A channels-last copy of ``model`` for inference, cached per model until its parameters or
-    buffers change; ``bf16=True``: the copy for bfloat16 passes, its BatchNorms folded into the
-    convolutions (:func:`_fold_batchnorm`); ``compile=True`` runs it through ``torch.compile``
-    (compiled once per copy), falling back to eager with one warning where compiling fails."""
-    stamp = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+def _stamp(model: nn.Module) -> tuple:
+    """What the prepared copies of ``model`` were made from: its tensors and their versions."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def _cache(model: nn.Module) -> dict:
+    """The prepared copies of ``model``, emptied when its parameters or buffers changed since."""
+    stamp = _stamp(model)
     cache = _PREPARED.get(model)
     if cache is None or cache["stamp"] != stamp:  # new, or trained / reloaded since: copy again
         cache = _PREPARED[model] = {"stamp": stamp}
-    base = _copy_name(bf16)
+    return cache
+
+
+def prepared_model(model: nn.Module, *, compile: bool = False, precision: str = "float32") -> nn.Module:
+    """A channels-last copy of ``model`` for inference, cached per model until its parameters or
+    buffers change; ``precision="bfloat16"``: the copy for bfloat16 passes, its BatchNorms folded
+    into the convolutions (:func:`_fold_batchnorm`); ``"int8"``: the copy :func:`calibrate_int8`
+    made (KeyError before); ``compile=True`` runs it through ``torch.compile`` (compiled once per
+    copy; never the int8 one), falling back to eager with one warning where compiling fails."""
+    cache = _cache(model)
+    base = _copy_name(precision)
+    if precision == "int8":
+        return cache[base]
     key = f"{base}-compiled" if compile else base
     if key not in cache:
         if base not in cache:
             m = copy.deepcopy(model).eval()
-            if bf16:
+            if precision == "bfloat16":
                 m = _fold_batchnorm(m)
             try:
                 m = m.to(memory_format=torch.channels_last)
@@ -130,22 +154,52 @@ def prepared_model(model: nn.Module, *, compile: bool = False, bf16: bool = Fals
     return cache[key]
 
 
-def _prepare(model: nn.Module, copies: Iterable[tuple[bool, bool]]) -> None:
-    """Make the prepared copies ``(bf16, compile)`` of ``model`` here, before any worker of
+def int8_supported(device: str = "cpu") -> bool:
+    """Whether refined evaluation may start from int8 here: native int8 arithmetic
+    (:func:`uapx.quantized.supported`) in a single process (under torchrun every rank would
+    calibrate its own copy on its own shard)."""
+    return quantized.supported(device) and not distributed.active()
+
+
+def calibrate_int8(model: nn.Module, images: torch.Tensor) -> bool:
+    """Make the int8 copy of ``model`` (:func:`uapx.quantized.quantize` of its folded copy), its
+    activation ranges observed on the first :data:`INT8_CALIBRATION_IMAGES` of ``images``
+    ``(N, C, H, W)`` (a seeded draw already, so no selection); cached like the other copies, the
+    latest calibration replacing any earlier.  Returns whether there is one (False where the
+    model cannot be quantized)."""
+    calib = images[:INT8_CALIBRATION_IMAGES].float()
+    q = quantized.quantize(prepared_model(model, precision="bfloat16"), calib)
+    cache = _cache(model)
+    if q is None:
+        cache.pop("int8", None)
+        return False
+    cache["int8"] = q
+    return True
+
+
+def has_int8(model: nn.Module) -> bool:
+    """Whether :func:`calibrate_int8` made a copy of ``model`` that is still current."""
+    return "int8" in _cache(model)
+
+
+def _prepare(model: nn.Module, copies: Iterable[tuple[str, bool]]) -> None:
+    """Make the prepared copies ``(precision, compile)`` of ``model`` here, before any worker of
     :func:`side_by_side` needs one (workers would otherwise race to build them)."""
-    for bf16, compile in copies:
-        prepared_model(model, compile=compile, bf16=bf16)
+    for precision, compile in copies:
+        prepared_model(model, compile=compile, precision=precision)
 
 
-def _logits(original: nn.Module, xb: torch.Tensor, *, bf16: bool, compile: bool) -> torch.Tensor:
-    """Float32 logits ``(B, K)`` of ``xb`` (computed in bfloat16 where ``bf16``, by the folded
-    copy); a compiled model that fails at run time is replaced by the eager one (one warning)."""
+def _logits(original: nn.Module, xb: torch.Tensor, *, precision: str, compile: bool) -> torch.Tensor:
+    """Float32 logits ``(B, K)`` of ``xb`` computed in ``precision`` (bfloat16 by the folded copy,
+    int8 by the calibrated one); a compiled model that fails at run time is replaced by the eager
+    one (one warning)."""
     if xb.dim() == 4:
         xb = xb.contiguous(memory_format=torch.channels_last)
-    net = prepared_model(original, compile=compile, bf16=bf16)
-    base = _copy_name(bf16)
+    compile = compile and precision != "int8"
+    net = prepared_model(original, compile=compile, precision=precision)
+    base = _copy_name(precision)
     cache = _PREPARED[original]
-    with torch.autocast("cuda" if xb.is_cuda else "cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast("cuda" if xb.is_cuda else "cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
         if net is not cache[base]:
             try:
                 return net(xb).float()
@@ -253,105 +307,142 @@ def _in_order(pool: PassPool | None, fn: Callable, items: Iterable) -> Iterator[
 
 @torch.inference_mode()
 def predict_many(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device: str = "cpu",
-                 bf16: bool = False, refine_below: float | None = None, compile: bool = False,
+                 precision: str = "float32", ladder: Sequence[tuple[str, float]] = (), compile: bool = False,
                  rows: int | None = None, bar: tqdm | None = None, stats: dict | None = None) -> torch.Tensor:
     """Predictions ``(U, N)`` on ``clamp(x + vs[u], 0, 1)`` for images ``x`` ``(N, C, H, W)`` and
-    perturbations ``vs`` ``(U, C, H, W)``.
+    perturbations ``vs`` ``(U, C, H, W)``, made in ``precision`` (``"float32"``, ``"bfloat16"``).
 
     Each forward pass holds about ``rows`` images (default :func:`rows_per_forward`): several
     perturbations of a chunk of images; on a CPU the passes run side by side
-    (:func:`side_by_side`).  With ``bf16`` and ``refine_below`` (refined bfloat16), every
-    prediction whose bfloat16 top-two margin is below ``refine_below`` is made again in float32
-    (eager; in passes of ``rows`` such images); ``stats["refined"]`` and ``stats["predicted"]``
-    count them on this rank.  Under torch.distributed ``x`` is this rank's shard and the
-    predictions of every rank are returned, in rank order (``(U, N_all)``).  ``bar`` is advanced
-    by the number of images predicted.
+    (:func:`side_by_side`).  ``ladder`` (refined evaluation): ``(precision, margin)`` rungs,
+    cheapest first, float32 above the last; every prediction is made on the first rung, and one
+    whose top-two margin is below its rung's margin is made again on the next rung (eager; in
+    passes of ``rows`` such images), and so on up.  ``stats["remade"]`` counts the predictions
+    made on each rung above the first, ``stats["refined"]`` those made in float32 and
+    ``stats["predicted"]`` all, on this rank.  Under torch.distributed ``x`` is this rank's shard
+    and the predictions of every rank are returned, in rank order (``(U, N_all)``).  ``bar`` is
+    advanced by the number of images predicted.
     """
     rows = rows or rows_per_forward(x.shape[1:])
-    refining = bf16 and refine_below is not None
-    _prepare(model, [(bf16, compile)] + ([(False, False)] if refining else []))
+    rungs = [*ladder, ("float32", float("nan"))] if ladder else [(precision, float("nan"))]
+    _prepare(model, [(rungs[0][0], compile and rungs[0][0] != "int8")] + [(p, False) for p, _ in rungs[1:]])
     out = torch.empty(vs.shape[0] * x.shape[0], dtype=torch.long)
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images, positions) to remake in float32
-    remakes: list[tuple[torch.Tensor, Future]] = []  # (positions, their float32 predictions)
+    remade = [0] * len(rungs)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images, positions) to make on the second rung
+    remakes: list[tuple[torch.Tensor, Future]] = []  # (positions, their predictions from the second rung up)
+
+    def near(logits: torch.Tensor, rung: int) -> torch.Tensor | None:
+        """Which rows go up from ``rung`` (None on the last)."""
+        return (_margins(logits) < rungs[rung][1]).cpu() if rung + 1 < len(rungs) else None
 
     def predicted(item: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = _logits(model, item[0], bf16=bf16, compile=compile)
-        return logits.argmax(1).cpu(), (_margins(logits) < refine_below).cpu() if refining else None
+        logits = _logits(model, item[0], precision=rungs[0][0], compile=compile)
+        return logits.argmax(1).cpu(), near(logits, 0)
 
-    def exact(imgs: torch.Tensor) -> torch.Tensor:
-        return _logits(model, imgs, bf16=False, compile=False).argmax(1).cpu()
+    def climbed(imgs: torch.Tensor, rung: int = 1) -> tuple[torch.Tensor, list[int]]:
+        """Predictions of ``imgs`` from ``rung`` up, and how many were made on each rung."""
+        logits = _logits(model, imgs, precision=rungs[rung][0], compile=False)
+        pred, up, counts = logits.argmax(1).cpu(), near(logits, rung), [0] * len(rungs)
+        counts[rung] = imgs.shape[0]
+        if up is not None and bool(up.any()):
+            pred[up], higher = climbed(imgs[up.to(imgs.device)], rung + 1)
+            counts = [a + b for a, b in zip(counts, higher)]
+        return pred, counts
 
     def remake(pool: PassPool | None) -> None:
         if pending:
             imgs, at = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
-            remakes.append((at, _submit(pool, exact, imgs)))
+            remakes.append((at, _submit(pool, climbed, imgs)))
             pending.clear()
 
     with side_by_side(device, compile=compile) as pool:
-        for (inp, flat), (pred, near) in _in_order(pool, predicted, _passes(x, vs, rows, device)):
+        for (inp, flat), (pred, up) in _in_order(pool, predicted, _passes(x, vs, rows, device)):
             out[flat] = pred
-            if near is not None and bool(near.any()):
-                pending.append((inp[near.to(inp.device)], flat[near]))
-                if sum(p[1].numel() for p in pending) >= rows:  # a full float32 pass
+            if up is not None and bool(up.any()):
+                pending.append((inp[up.to(inp.device)], flat[up]))
+                if sum(p[1].numel() for p in pending) >= rows:  # a full pass on the next rung
                     remake(pool)
             if bar is not None:
                 bar.update(inp.shape[0])
         remake(pool)
         for at, fut in remakes:
-            out[at] = fut.result()
+            out[at], counts = fut.result()
+            remade = [a + b for a, b in zip(remade, counts)]
     if stats is not None:
-        stats["refined"] = stats.get("refined", 0) + sum(int(at.numel()) for at, _ in remakes)
+        by_rung = stats.setdefault("remade", {})
+        for (p, _), n in list(zip(rungs, remade))[1:]:
+            by_rung[p] = by_rung.get(p, 0) + n
+        stats["refined"] = stats.get("refined", 0) + (remade[-1] if ladder else 0)
         stats["predicted"] = stats.get("predicted", 0) + out.numel()
     return _gathered(out.view(vs.shape[0], x.shape[0]))
 
 
-class Check(NamedTuple):
-    """The bfloat16 check's result (:func:`bf16_logit_error`), tables ``(U, N)`` gathered over ranks."""
+class Rung(NamedTuple):
+    """One cheaper precision in the check (:func:`logit_errors`), tables ``(U, N)`` gathered over ranks."""
 
-    f32: torch.Tensor  # float32 predictions
-    b16: torch.Tensor  # bfloat16 predictions
-    error: float  # largest |bfloat16 logit - float32 logit|, every image and class
+    pred: torch.Tensor  # its predictions
+    error: float  # largest |its logit - float32 logit|, every image and class
     spread: float  # largest spread (max - min over classes) of one prediction's logit errors
-    margins: torch.Tensor  # bfloat16 top-two margins
+    margins: torch.Tensor  # its top-two margins
+
+
+class Check(NamedTuple):
+    """The check's result (:func:`logit_errors`): float32 predictions ``(U, N)`` and each cheaper
+    precision's :class:`Rung`."""
+
+    f32: torch.Tensor
+    rungs: dict[str, Rung]
 
 
 @torch.inference_mode()
-def bf16_logit_error(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device: str = "cpu",
-                     compile: bool = False, rows: int | None = None, bar: tqdm | None = None) -> Check:
-    """The bfloat16 check: every prediction on ``clamp(x + vs[u], 0, 1)`` made in both precisions.
+def logit_errors(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, precisions: Sequence[str] = ("bfloat16",),
+                 device: str = "cpu", compile: bool = False, rows: int | None = None,
+                 bar: tqdm | None = None) -> Check:
+    """The check: every prediction on ``clamp(x + vs[u], 0, 1)`` made in float32 and in each of
+    ``precisions`` (``"bfloat16"``; ``"int8"`` after :func:`calibrate_int8`).
 
-    Returns a :class:`Check`: both precisions' predictions, the largest logit error and the
-    largest spread of one prediction's logit errors over every image (and every torchrun rank),
-    and the bfloat16 top-two margins (for :func:`refine_margin`'s share).  The spread bounds how
-    far any difference of two logits, a top-two margin among them, moved.  ``bar`` is advanced
-    twice per image.
+    Returns a :class:`Check`: the float32 predictions and, per precision, its predictions, the
+    largest logit error and the largest spread of one prediction's logit errors over every image
+    (and every torchrun rank), and its top-two margins (for :func:`refine_margin`'s share).  The
+    spread bounds how far any difference of two logits, a top-two margin among them, moved.
+    ``bar`` is advanced ``1 + len(precisions)`` times per image.
     """
     rows = rows or rows_per_forward(x.shape[1:])
-    size = vs.shape[0] * x.shape[0]
-    f32, b16 = torch.empty(size, dtype=torch.long), torch.empty(size, dtype=torch.long)
-    margin, err, spread = torch.empty(size), 0.0, 0.0
-    _prepare(model, [(False, compile), (True, compile)])
+    size, names = vs.shape[0] * x.shape[0], list(precisions)
+    f32 = torch.empty(size, dtype=torch.long)
+    preds = {p: torch.empty(size, dtype=torch.long) for p in names}
+    margins = {p: torch.empty(size) for p in names}
+    err, spread = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    _prepare(model, [("float32", compile)] + [(p, compile and p != "int8") for p in names])
 
-    def both(item: tuple[torch.Tensor, torch.Tensor]) -> tuple:
-        lf = _logits(model, item[0], bf16=False, compile=compile)
-        lb = _logits(model, item[0], bf16=True, compile=compile)
-        diff = lb - lf
-        e, sp = (float(diff.abs().max()), float((diff.amax(1) - diff.amin(1)).max())) if diff.numel() else (0.0, 0.0)
-        return lf.argmax(1).cpu(), lb.argmax(1).cpu(), _margins(lb).cpu(), e, sp
+    def made(item: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+        lf = _logits(model, item[0], precision="float32", compile=compile)
+        out = {}
+        for p in names:
+            lp = _logits(model, item[0], precision=p, compile=compile)
+            diff = lp - lf
+            e, sp = (float(diff.abs().max()), float((diff.amax(1) - diff.amin(1)).max())) if diff.numel() \
+                else (0.0, 0.0)
+            out[p] = (lp.argmax(1).cpu(), _margins(lp).cpu(), e, sp)
+        return lf.argmax(1).cpu(), out
 
     with side_by_side(device, compile=compile) as pool:
-        for (inp, flat), (pf, pb, m, e, sp) in _in_order(pool, both, _passes(x, vs, rows, device)):
-            f32[flat], b16[flat], margin[flat] = pf, pb, m
-            err, spread = max(err, e), max(spread, sp)
+        for (inp, flat), (pf, out) in _in_order(pool, made, _passes(x, vs, rows, device)):
+            f32[flat] = pf
+            for p, (pp, m, e, sp) in out.items():
+                preds[p][flat], margins[p][flat] = pp, m
+                err[p], spread[p] = max(err[p], e), max(spread[p], sp)
             if bar is not None:
-                bar.update(2 * inp.shape[0])
+                bar.update((1 + len(names)) * inp.shape[0])
     shape = (vs.shape[0], x.shape[0])
-    return Check(_gathered(f32.view(shape)), _gathered(b16.view(shape)), distributed.all_reduce_scalar(err, "max"),
-                 distributed.all_reduce_scalar(spread, "max"), _gathered(margin.view(shape)))
+    return Check(_gathered(f32.view(shape)),
+                 {p: Rung(_gathered(preds[p].view(shape)), distributed.all_reduce_scalar(err[p], "max"),
+                          distributed.all_reduce_scalar(spread[p], "max"), _gathered(margins[p].view(shape)))
+                  for p in names})
 
 
 def refine_margin(max_spread: float) -> float:
-    """The top-two margin below which a refined-bfloat16 prediction is remade in float32:
+    """The top-two margin below which a refined prediction goes up a rung (is made again):
     ``BF16_ERROR_SAFETY * max_spread`` (an argmax cannot change while no difference of two logits
     moves by more than its margin)."""
     return BF16_ERROR_SAFETY * max_spread
@@ -364,7 +455,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
 
 def bf16_check_count(n_images: int, n_perturbations: int) -> int:
     """How many of ``n_perturbations`` perturbations (an even number: +v and -v of whole UAPs, at
-    least 2) the bfloat16 check computes in both precisions, for :data:`BF16_MIN_CHECKED`
+    least 2) the check (:func:`logit_errors`) computes in every precision, for :data:`BF16_MIN_CHECKED`
     predictions on ``n_images`` images (the clean images count once)."""
     need = -(-max(BF16_MIN_CHECKED - n_images, 0) // max(n_images, 1))
     return min(n_perturbations, max(2, need + need % 2))
