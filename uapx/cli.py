@@ -170,8 +170,9 @@ def build_parser(*, installed: bool = True) -> argparse.ArgumentParser:
              "n_samples", "--n-samples").replace("%", "%%"), choices=["train", "val", "test"])
     _opt(a, A, "eval_n_samples", "held-out images (see --eval-split)", type=argtypes.whole(1),
          shown="as many as --n-samples from another split; half of the sample from the fit split")
-    _opt(a, A, "eval_precision", "arithmetic of the UAP evaluation: auto = bfloat16 where the CPU/GPU has it, "
-         "near-ties remade in float32 so that the predictions are float32's (else float32); bfloat16 = "
+    _opt(a, A, "eval_precision", "arithmetic of the UAP evaluation: auto = int8 (CPUs with VNNI) and bfloat16 where the "
+         "CPU/GPU has them, near-ties remade a rung up and at last in float32 so that the predictions are "
+         "float32's (else float32); bfloat16 = "
          "plain bfloat16 where it agrees with float32 on >= 99.9%% of the checked images",
          choices=list(PRECISIONS))
     _opt(a, A, "compile", "evaluate through torch.compile (cached; eager with one warning where it fails)",

@@ -71,7 +71,7 @@ class AnalyzeConfig:
     trajectory_samples: int = 100
     transfer: list[str] = field(default_factory=list)  # other models to apply the global UAPs to
     device: str = "cpu"
-    eval_precision: str = "auto"  # UAP evaluation: auto (refined bfloat16: float32 predictions), float32, bfloat16
+    eval_precision: str = "auto"  # UAP evaluation: auto (refined int8/bfloat16: float32 predictions), float32, bfloat16
     compile: bool = False  # evaluate through torch.compile (eager with one warning where it fails)
     seed: int = 0
     out: str = "uapx-report"
@@ -506,7 +506,7 @@ def evaluate_held_out(analysis: Analysis, s: Setup, c: AnalyzeConfig, checked: d
     :data:`HELD_OUT`), each with the sign chosen on the fit images, beside random directions of the
     same norm, and the global UAPs on the ``--transfer`` models; sets ``analysis.heldout`` and
     returns ``report.json``'s ``uaps.held_out``.  Run after :func:`evaluate_uaps`; ``checked``, its
-    ``"evaluation"`` entry, lends the analysed model's refined-bfloat16 margin (one check per run)."""
+    ``"evaluation"`` entry, lends the analysed model's refined-evaluation rungs and margins (one check per run)."""
     from .image_sources import ImageRows
     from .stats import class_counts
 
