@@ -261,8 +261,9 @@ def evaluate_many(model: nn.Module, x: torch.Tensor, y: torch.Tensor, uaps: list
                   "compiled": bool(compile)}
     run = dict(device=device, compile=compile)
     # the cheaper precisions to check, cheapest first: int8 only for refined evaluation
-    cheap = [p for p, ok in (("int8", precision == "auto" and inference.int8_supported(device)),
-                             ("bfloat16", precision != "float32" and inference.bf16_supported(device))) if ok]
+    here = {"int8": precision == "auto" and inference.int8_supported(device),
+            "bfloat16": precision != "float32" and inference.bf16_supported(device)}
+    cheap = [p for p in inference.RUNGS if here[p]]
     ladder: list[tuple[str, float]] = []
     earlier = [tuple(r) for r in (checked or {}).get("ladder", [])]
     if precision == "auto" and earlier and all(p in cheap for p, _ in earlier) \

@@ -103,7 +103,8 @@ def _fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def _copy_name(precision: str) -> str:
-    """The cache key of a model's eager inference copy: the folded one for bfloat16 passes."""
+    """The cache key of a model's eager inference copy in ``precision``: the model's own copy for
+    float32, the folded one for bfloat16, the calibrated one for int8."""
     return {"float32": "eager", "bfloat16": "bf16", "int8": "int8"}[precision]
 
 
