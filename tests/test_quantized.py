@@ -32,7 +32,7 @@ def _exact(model, x, vs):
 
 @needs_int8
 def test_int8_ladder_gives_float32_predictions_on_cifar10(data_root):
-    """resnet-small in int8 disagrees with float32 on about 1 % of perturbed CIFAR-10 images: with
+    """resnet-small in int8 disagrees with float32 on a few perturbed CIFAR-10 images in 1,000: with
     the check's margins, int8 -> bfloat16 -> float32 and int8 -> float32 both give float32's
     predictions, and every int8 disagreement is among the predictions sent up."""
     model = uapx.models.load("zoo:cifar10-natural").eval()

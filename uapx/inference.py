@@ -168,8 +168,7 @@ def calibrate_int8(model: nn.Module, images: torch.Tensor) -> bool:
     ``(N, C, H, W)`` (a seeded draw already, so no selection); cached like the other copies, the
     latest calibration replacing any earlier.  Returns whether there is one (False where the
     model cannot be quantized)."""
-    calib = images[:INT8_CALIBRATION_IMAGES].float()
-    q = quantized.quantize(prepared_model(model, precision="bfloat16"), calib)
+    q = quantized.quantize(prepared_model(model, precision="bfloat16"), images[:INT8_CALIBRATION_IMAGES])
     cache = _cache(model)
     if q is None:
         cache.pop("int8", None)
@@ -196,8 +195,7 @@ def _logits(original: nn.Module, xb: torch.Tensor, *, precision: str, compile: b
     one (one warning)."""
     if xb.dim() == 4:
         xb = xb.contiguous(memory_format=torch.channels_last)
-    compile = compile and precision != "int8"
-    net = prepared_model(original, compile=compile, precision=precision)
+    net = prepared_model(original, compile=compile, precision=precision)  # int8: never compiled
     base = _copy_name(precision)
     cache = _PREPARED[original]
     with torch.autocast("cuda" if xb.is_cuda else "cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
@@ -326,7 +324,7 @@ def predict_many(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, device:
     """
     rows = rows or rows_per_forward(x.shape[1:])
     rungs = [*ladder, ("float32", float("nan"))] if ladder else [(precision, float("nan"))]
-    _prepare(model, [(rungs[0][0], compile and rungs[0][0] != "int8")] + [(p, False) for p, _ in rungs[1:]])
+    _prepare(model, [(rungs[0][0], compile)] + [(p, False) for p, _ in rungs[1:]])
     out = torch.empty(vs.shape[0] * x.shape[0], dtype=torch.long)
     remade = [0] * len(rungs)
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images, positions) to make on the second rung
@@ -414,7 +412,7 @@ def logit_errors(model: nn.Module, x: torch.Tensor, vs: torch.Tensor, *, precisi
     preds = {p: torch.empty(size, dtype=torch.long) for p in names}
     margins = {p: torch.empty(size) for p in names}
     err, spread = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-    _prepare(model, [("float32", compile)] + [(p, compile and p != "int8") for p in names])
+    _prepare(model, [(p, compile) for p in ("float32", *names)])
 
     def made(item: tuple[torch.Tensor, torch.Tensor]) -> tuple:
         lf = _logits(model, item[0], precision="float32", compile=compile)
